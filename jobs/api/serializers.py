@@ -1,0 +1,175 @@
+"""Request and response shapes of the REST API."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from jobs import schedule, services
+from jobs.models import Job, JobRun, SchedulerProcess
+
+MAX_PARAMETERS_BYTES = 64 * 1024
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(key) or _has_nul(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(item) for item in value)
+    return False
+
+
+class JobSerializer(serializers.ModelSerializer):
+    schedule_description = serializers.SerializerMethodField(help_text="The schedule in plain words.")
+    parameters = serializers.JSONField(
+        required=False, help_text="Settings for the job type; GET /job-types shows each type's schema."
+    )
+
+    class Meta:
+        model = Job
+        fields = [
+            "id",
+            "name",
+            "description",
+            "cron_expression",
+            "schedule_description",
+            "timezone",
+            "job_type",
+            "parameters",
+            "enabled",
+            "misfire_policy",
+            "misfire_grace_seconds",
+            "overlap_policy",
+            "max_retries",
+            "retry_backoff_seconds",
+            "timeout_seconds",
+            "next_run_at",
+            "last_run_at",
+            "last_run_status",
+            "created_at",
+            "updated_at",
+        ]
+        read_only_fields = ["next_run_at", "last_run_at", "last_run_status", "created_at", "updated_at"]
+
+    def get_schedule_description(self, job: Job) -> str:
+        return schedule.describe(job.cron_expression)
+
+    def validate_parameters(self, value: Any) -> Any:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise serializers.ValidationError("must be a JSON object")
+        if _has_nul(value):
+            raise serializers.ValidationError("must not contain NUL characters")
+        if len(json.dumps(value)) > MAX_PARAMETERS_BYTES:
+            raise serializers.ValidationError(f"must be at most {MAX_PARAMETERS_BYTES} bytes of JSON")
+        return value
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        def current(name: str, default: Any) -> Any:
+            if name in attrs:
+                return attrs[name]
+            return getattr(self.instance, name) if self.instance is not None else default
+
+        try:
+            cleaned = services.job_clean(
+                cron_expression=current("cron_expression", ""),
+                timezone=current("timezone", Job._meta.get_field("timezone").get_default()),
+                job_type=current("job_type", ""),
+                parameters=current("parameters", {}),
+            )
+        except services.JobValidationError as exc:
+            raise serializers.ValidationError(exc.errors) from exc
+        return {**attrs, **{key: value for key, value in cleaned.items() if key in attrs}}
+
+
+class JobRunSerializer(serializers.ModelSerializer):
+    job_name = serializers.CharField(source="job.name", read_only=True)
+    duration_seconds = serializers.FloatField(read_only=True, allow_null=True)
+    lateness_seconds = serializers.FloatField(
+        read_only=True, allow_null=True, help_text="How long after scheduled_for the run started."
+    )
+    worker = serializers.StringRelatedField(read_only=True, help_text="host:pid of the scheduler that ran it.")
+
+    class Meta:
+        model = JobRun
+        fields = [
+            "id",
+            "job",
+            "job_name",
+            "scheduled_for",
+            "trigger",
+            "attempt",
+            "status",
+            "not_before",
+            "started_at",
+            "finished_at",
+            "duration_seconds",
+            "lateness_seconds",
+            "worker",
+            "missed_fires",
+            "result",
+            "error",
+            "skip_reason",
+            "created_at",
+        ]
+        read_only_fields = fields
+
+
+class SchedulerProcessSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = SchedulerProcess
+        fields = ["id", "hostname", "pid", "max_concurrent", "started_at", "last_heartbeat_at", "stopped_at"]
+
+
+class CronPreviewQuerySerializer(serializers.Serializer):
+    expression = serializers.CharField(help_text="Cron expression, e.g. '0 9 * * MON'.")
+    timezone = serializers.CharField(required=False, help_text="IANA time zone; default TIME_ZONE.")
+    count = serializers.IntegerField(required=False, default=5, min_value=1, max_value=schedule.MAX_PREVIEW)
+    after = serializers.DateTimeField(required=False, help_text="ISO 8601 instant; default now.")
+
+    def validate_expression(self, value: str) -> str:
+        try:
+            return schedule.validate_cron(value)
+        except schedule.CronError as exc:
+            raise serializers.ValidationError(str(exc)) from exc
+
+    def validate_timezone(self, value: str) -> str:
+        try:
+            schedule.zone(value)
+        except schedule.CronError as exc:
+            raise serializers.ValidationError(str(exc)) from exc
+        return value
+
+
+class FireTimeSerializer(serializers.Serializer):
+    utc = serializers.DateTimeField()
+    local = serializers.CharField(help_text="The same instant in the schedule's time zone, with its offset.")
+
+
+class CronPreviewSerializer(serializers.Serializer):
+    expression = serializers.CharField()
+    timezone = serializers.CharField()
+    description = serializers.CharField()
+    fixed_time = serializers.BooleanField(
+        help_text="Fixed-time schedules run once when a daylight-saving change skips or repeats their time."
+    )
+    fire_times = FireTimeSerializer(many=True)
+
+
+@extend_schema_field({"type": "object", "additionalProperties": True})
+class JsonSchemaField(serializers.DictField):
+    pass
+
+
+class JobTypeSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    label = serializers.CharField()
+    description = serializers.CharField()
+    safe_to_repeat = serializers.BooleanField(help_text="Whether a run lost in a crash is retried.")
+    parameters_schema = JsonSchemaField(help_text="JSON Schema of the job type's parameters.")

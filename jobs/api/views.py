@@ -1,0 +1,164 @@
+"""Thin viewsets: they validate input and hand every write to jobs.services."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.utils import timezone
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import status, viewsets
+from rest_framework.decorators import action
+from rest_framework.exceptions import ValidationError
+from rest_framework.permissions import AllowAny
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.serializers import BaseSerializer
+from rest_framework.throttling import ScopedRateThrottle
+from rest_framework.views import APIView
+
+from jobs import schedule, services
+from jobs.executors import all_executors
+from jobs.health import health_report
+from jobs.models import Job, JobRun
+
+from .filters import JobFilter, JobRunFilter
+from .serializers import (
+    CronPreviewQuerySerializer,
+    CronPreviewSerializer,
+    JobRunSerializer,
+    JobSerializer,
+    JobTypeSerializer,
+)
+
+ID_PATTERN = r"[0-9]{1,18}"
+
+
+class JobViewSet(viewsets.ModelViewSet):
+    """Jobs: create, list, read, change and delete; run now, pause and resume."""
+
+    queryset = Job.objects.all()
+    serializer_class = JobSerializer
+    filterset_class = JobFilter
+    search_fields = ["name", "description"]
+    ordering_fields = ["id", "name", "next_run_at", "last_run_at", "created_at", "updated_at"]
+    ordering = ["id"]
+    lookup_value_regex = ID_PATTERN
+    throttle_scope = "run_now"
+
+    def get_throttles(self) -> list[Any]:
+        return [ScopedRateThrottle()] if self.action == "run" else []
+
+    def perform_create(self, serializer: BaseSerializer) -> None:
+        serializer.instance = services.job_create(**serializer.validated_data)
+
+    def perform_update(self, serializer: BaseSerializer) -> None:
+        serializer.instance = services.job_update(serializer.instance, **serializer.validated_data)
+
+    def perform_destroy(self, instance: Job) -> None:
+        services.job_delete(instance)
+
+    @extend_schema(request=None, responses={202: JobRunSerializer}, summary="Run the job now")
+    @action(detail=True, methods=["post"])
+    def run(self, request: Request, pk: str | None = None) -> Response:
+        run = services.job_trigger(self.get_object())
+        return Response(JobRunSerializer(run).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=None, responses=JobSerializer, summary="Disable the job")
+    @action(detail=True, methods=["post"])
+    def pause(self, request: Request, pk: str | None = None) -> Response:
+        return Response(JobSerializer(services.job_pause(self.get_object())).data)
+
+    @extend_schema(request=None, responses=JobSerializer, summary="Enable the job from now on")
+    @action(detail=True, methods=["post"])
+    def resume(self, request: Request, pk: str | None = None) -> Response:
+        return Response(JobSerializer(services.job_resume(self.get_object())).data)
+
+    @extend_schema(
+        responses=JobRunSerializer(many=True),
+        parameters=[JobRunFilter],
+        filters=False,
+        summary="The job's runs, newest first",
+    )
+    @action(detail=True, methods=["get"], filter_backends=[])
+    def runs(self, request: Request, pk: str | None = None) -> Response:
+        job = self.get_object()
+        runs = JobRun.objects.filter(job=job).select_related("job", "worker").order_by("-scheduled_for", "-id")
+        filterset = JobRunFilter(request.query_params, queryset=runs, request=request)
+        if not filterset.is_valid():
+            raise ValidationError(filterset.errors)
+        page = self.paginate_queryset(filterset.qs)
+        return self.get_paginated_response(JobRunSerializer(page, many=True).data)
+
+
+class JobRunViewSet(viewsets.ReadOnlyModelViewSet):
+    """The history of every run, newest first."""
+
+    queryset = JobRun.objects.select_related("job", "worker")
+    serializer_class = JobRunSerializer
+    filterset_class = JobRunFilter
+    ordering_fields = ["id", "scheduled_for", "started_at", "finished_at"]
+    ordering = ["-scheduled_for", "-id"]
+    lookup_value_regex = ID_PATTERN
+
+
+class JobTypesView(APIView):
+    """The job types this server can run, with the JSON Schema of their parameters."""
+
+    queryset = Job.objects.none()  # job types are readable by whoever may view jobs
+
+    @extend_schema(responses=JobTypeSerializer(many=True))
+    def get(self, request: Request) -> Response:
+        types = [
+            {
+                "name": name,
+                "label": executor.label or name,
+                "description": executor.description,
+                "safe_to_repeat": executor.safe_to_repeat,
+                "parameters_schema": executor.parameters_schema(),
+            }
+            for name, executor in sorted(all_executors().items())
+        ]
+        return Response(JobTypeSerializer(types, many=True).data)
+
+
+class CronPreviewView(APIView):
+    """The next fire times of a cron expression, computed exactly as the scheduler will."""
+
+    queryset = Job.objects.none()
+
+    @extend_schema(parameters=[CronPreviewQuerySerializer], responses=CronPreviewSerializer)
+    def get(self, request: Request) -> Response:
+        query = CronPreviewQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        expression = query.validated_data["expression"]
+        zone_name = query.validated_data.get("timezone") or Job._meta.get_field("timezone").get_default()
+        after = query.validated_data.get("after") or timezone.now()
+        times = schedule.fire_times(expression, zone_name, after, query.validated_data["count"])
+        tz = schedule.zone(zone_name)
+        return Response(
+            CronPreviewSerializer(
+                {
+                    "expression": expression,
+                    "timezone": zone_name,
+                    "description": schedule.describe(expression),
+                    "fixed_time": schedule.parse(expression).fixed_time,
+                    "fire_times": [{"utc": t, "local": t.astimezone(tz).isoformat()} for t in times],
+                }
+            ).data
+        )
+
+
+class HealthView(APIView):
+    """200 when the database answers and a scheduler has heartbeaten recently, else 503."""
+
+    permission_classes = [AllowAny]
+    authentication_classes: list[Any] = []
+
+    @extend_schema(
+        responses={200: dict, 503: dict},
+        parameters=[OpenApiParameter("scheduler", bool, description="Set false to ignore schedulers.")],
+    )
+    def get(self, request: Request) -> Response:
+        require_scheduler = request.query_params.get("scheduler", "true").lower() != "false"
+        report = health_report(require_scheduler=require_scheduler)
+        return Response(report, status=200 if report["status"] == "ok" else 503)

@@ -1,0 +1,55 @@
+"""The contract every job type implements."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from rest_framework import serializers
+
+if TYPE_CHECKING:
+    from jobs.models import JobRun
+
+
+class ExecutorError(Exception):
+    """A run failed for a reason the executor understands; the message is shown to people."""
+
+
+class Executor:
+    """A job type: how to validate its parameters and how to run it.
+
+    Subclasses set `name`, `parameters_serializer` and `safe_to_repeat`, and implement
+    `execute`. Executors never change a run's status: the runner owns the lifecycle. Raise
+    (ExecutorError for expected failures) to fail the run; return JSON-serialisable data to
+    record as its result.
+    """
+
+    name: ClassVar[str]
+    label: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    parameters_serializer: ClassVar[type[serializers.Serializer]] = serializers.Serializer
+    # Whether a run lost in a crash may be run again without harm.
+    safe_to_repeat: ClassVar[bool] = False
+
+    def validate_parameters(self, parameters: Any) -> dict[str, Any]:
+        """Return cleaned parameters or raise serializers.ValidationError."""
+        if parameters is None:
+            parameters = {}
+        if not isinstance(parameters, dict):
+            raise serializers.ValidationError("must be a JSON object")
+        serializer = self.parameters_serializer(data=parameters)
+        serializer.is_valid(raise_exception=True)
+        return dict(serializer.validated_data)
+
+    def parameters_schema(self) -> dict[str, Any]:
+        """Return the JSON Schema of the parameters, shown by GET /job-types."""
+        from jobs.json_schema import serializer_schema
+
+        return serializer_schema(self.parameters_serializer())
+
+    def parameters_for(self, run: JobRun) -> dict[str, Any]:
+        """Return the run's job parameters, validated again in case code changed since saving."""
+        return self.validate_parameters(run.job.parameters)
+
+    def execute(self, run: JobRun) -> Any:
+        """Do the job's work for `run` and return its result."""
+        raise NotImplementedError

@@ -1,0 +1,43 @@
+"""What /health reports: the database and the schedulers' heartbeats."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.db import DatabaseError, connection
+from django.utils import timezone
+
+from .conf import get
+from .models import JobRun, SchedulerProcess
+
+
+def health_report(*, require_scheduler: bool = True, now: datetime | None = None) -> dict[str, Any]:
+    """Return the health report; its status is "ok" or "unhealthy"."""
+    now = now or timezone.now()
+    report: dict[str, Any] = {"status": "ok", "time": now.isoformat(), "database": {"vendor": connection.vendor}}
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        fresh_after = now - timedelta(seconds=get("LOST_AFTER_SECONDS"))
+        schedulers = list(
+            SchedulerProcess.objects.filter(stopped_at__isnull=True, last_heartbeat_at__gte=fresh_after).values(
+                "hostname", "pid", "started_at", "last_heartbeat_at"
+            )
+        )
+        queued = JobRun.objects.ready(now).count()
+    except DatabaseError as exc:
+        report["status"] = "unhealthy"
+        report["database"]["ok"] = False
+        report["database"]["error"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return report
+    report["database"]["ok"] = True
+    report["schedulers"] = [
+        {**row, "heartbeat_age_seconds": round((now - row["last_heartbeat_at"]).total_seconds(), 3)}
+        for row in schedulers
+    ]
+    report["queue_depth"] = queued
+    if require_scheduler and not schedulers:
+        report["status"] = "unhealthy"
+        report["reason"] = "no scheduler has sent a heartbeat recently"
+    return report

@@ -1,0 +1,227 @@
+"""Jobs, their runs (the history and the queue in one table) and the scheduler processes."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+from django.db.models import Q
+
+
+def default_timezone() -> str:
+    return str(settings.TIME_ZONE)
+
+
+class JobQuerySet(models.QuerySet["Job"]):
+    def due(self, now: datetime) -> JobQuerySet:
+        """Enabled jobs whose next fire time has come."""
+        return self.filter(enabled=True, next_run_at__lte=now)
+
+    def enabled(self) -> JobQuerySet:
+        return self.filter(enabled=True)
+
+
+class Job(models.Model):
+    class MisfirePolicy(models.TextChoices):
+        RUN_ONCE = "run_once", "Run once to catch up"
+        SKIP = "skip", "Skip missed fires"
+
+    class OverlapPolicy(models.TextChoices):
+        FORBID = "forbid", "Skip a fire while the previous run is active"
+        ALLOW = "allow", "Allow runs to overlap"
+
+    name = models.CharField(max_length=200, help_text="A name people recognise, e.g. 'Daily report'.")
+    description = models.TextField(blank=True, default="", help_text="What the job is for.")
+    cron_expression = models.CharField(
+        max_length=200,
+        help_text=(
+            "Five fields (minute hour day-of-month month day-of-week), an optional leading "
+            "seconds field, or a macro such as @daily. Example: '0 9 * * MON'."
+        ),
+    )
+    timezone = models.CharField(
+        max_length=64,
+        default=default_timezone,
+        help_text="IANA time zone the schedule is read in, e.g. Europe/Berlin.",
+    )
+    job_type = models.CharField(max_length=100, help_text="Which executor runs the job; see /job-types.")
+    parameters = models.JSONField(default=dict, blank=True, help_text="Settings for the job type.")
+    enabled = models.BooleanField(default=True, help_text="Disabled jobs never fire.")
+    misfire_policy = models.CharField(
+        max_length=16,
+        choices=MisfirePolicy.choices,
+        default=MisfirePolicy.RUN_ONCE,
+        help_text="What to do with fires missed while no scheduler ran (or that started too late).",
+    )
+    misfire_grace_seconds = models.PositiveIntegerField(
+        default=60,
+        validators=[MaxValueValidator(7 * 24 * 3600)],
+        help_text="A fire started later than this after its time counts as missed.",
+    )
+    overlap_policy = models.CharField(
+        max_length=16,
+        choices=OverlapPolicy.choices,
+        default=OverlapPolicy.FORBID,
+        help_text="Whether a fire may start while an earlier run of the job is still active.",
+    )
+    max_retries = models.PositiveSmallIntegerField(
+        default=0,
+        validators=[MaxValueValidator(20)],
+        help_text="Extra attempts after a failure (0 = none).",
+    )
+    retry_backoff_seconds = models.PositiveIntegerField(
+        default=30,
+        validators=[MinValueValidator(1), MaxValueValidator(24 * 3600)],
+        help_text="Delay before the first retry; doubled for each further attempt, with jitter.",
+    )
+    timeout_seconds = models.PositiveIntegerField(
+        default=3600,
+        validators=[MinValueValidator(1), MaxValueValidator(7 * 24 * 3600)],
+        help_text="A run taking longer than this is recorded as timed out and its slot freed.",
+    )
+    next_run_at = models.DateTimeField(
+        null=True, blank=True, editable=False, help_text="Next fire time, in UTC. Empty when disabled."
+    )
+    last_run_at = models.DateTimeField(null=True, blank=True, editable=False)
+    last_run_status = models.CharField(max_length=16, blank=True, default="", editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = JobQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [
+            # The scheduler's only scan: enabled jobs by due time. Its cost does not grow with
+            # the jobs that are not due.
+            models.Index(fields=["next_run_at"], condition=Q(enabled=True), name="job_due_idx"),
+            models.Index(fields=["job_type"], name="job_type_idx"),
+        ]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(enabled=True) | Q(next_run_at__isnull=True), name="job_disabled_has_no_next_run"
+            ),
+            models.CheckConstraint(
+                condition=Q(misfire_policy__in=["run_once", "skip"]), name="job_misfire_policy_valid"
+            ),
+            models.CheckConstraint(
+                condition=Q(overlap_policy__in=["forbid", "allow"]), name="job_overlap_policy_valid"
+            ),
+            models.CheckConstraint(condition=Q(timeout_seconds__gte=1), name="job_timeout_positive"),
+            models.CheckConstraint(condition=Q(retry_backoff_seconds__gte=1), name="job_backoff_positive"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class SchedulerProcess(models.Model):
+    """One running (or stopped) `manage.py runscheduler`."""
+
+    hostname = models.CharField(max_length=255)
+    pid = models.PositiveIntegerField()
+    max_concurrent = models.PositiveIntegerField(default=0)
+    started_at = models.DateTimeField()
+    last_heartbeat_at = models.DateTimeField(db_index=True)
+    stopped_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-started_at"]
+        verbose_name_plural = "scheduler processes"
+
+    def __str__(self) -> str:
+        return f"{self.hostname}:{self.pid}"
+
+    def is_alive(self, now: datetime, lost_after: float) -> bool:
+        return self.stopped_at is None and self.last_heartbeat_at >= now - timedelta(seconds=lost_after)
+
+
+class JobRunQuerySet(models.QuerySet["JobRun"]):
+    def queued(self) -> JobRunQuerySet:
+        return self.filter(status=JobRun.Status.QUEUED)
+
+    def ready(self, now: datetime) -> JobRunQuerySet:
+        """Queued runs whose earliest start has come, oldest first."""
+        return self.queued().filter(not_before__lte=now).order_by("not_before", "id")
+
+    def running(self) -> JobRunQuerySet:
+        return self.filter(status=JobRun.Status.RUNNING)
+
+    def active(self) -> JobRunQuerySet:
+        return self.filter(status__in=JobRun.ACTIVE)
+
+
+class JobRun(models.Model):
+    """One attempt at running a job: the run history and the queue in one table."""
+
+    class Trigger(models.TextChoices):
+        SCHEDULE = "schedule"
+        MANUAL = "manual"
+        RETRY = "retry"
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+        TIMED_OUT = "timed_out"
+        SKIPPED = "skipped"
+        LOST = "lost"
+
+    ACTIVE = (Status.QUEUED, Status.RUNNING)
+    FINISHED = (Status.SUCCEEDED, Status.FAILED, Status.TIMED_OUT, Status.SKIPPED, Status.LOST)
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="runs")
+    scheduled_for = models.DateTimeField(help_text="The fire time, or the request time of a manual run.")
+    trigger = models.CharField(max_length=16, choices=Trigger.choices, default=Trigger.SCHEDULE)
+    attempt = models.PositiveSmallIntegerField(default=1)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
+    not_before = models.DateTimeField(help_text="Earliest start (later than scheduled_for for retries).")
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    worker = models.ForeignKey(SchedulerProcess, null=True, blank=True, on_delete=models.SET_NULL, related_name="runs")
+    missed_fires = models.PositiveIntegerField(default=0, help_text="Fires folded into this one by the misfire policy.")
+    result = models.JSONField(null=True, blank=True)
+    error = models.TextField(blank=True, default="")
+    skip_reason = models.CharField(max_length=255, blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = JobRunQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-scheduled_for", "-id"]
+        constraints = [
+            # A fire cannot happen twice, whatever the scheduler processes do.
+            models.UniqueConstraint(fields=["job", "scheduled_for", "attempt"], name="jobrun_one_per_fire"),
+            models.CheckConstraint(
+                condition=Q(status__in=["queued", "running", "succeeded", "failed", "timed_out", "skipped", "lost"]),
+                name="jobrun_status_valid",
+            ),
+            models.CheckConstraint(
+                condition=Q(trigger__in=["schedule", "manual", "retry"]), name="jobrun_trigger_valid"
+            ),
+            models.CheckConstraint(condition=Q(attempt__gte=1), name="jobrun_attempt_positive"),
+        ]
+        indexes = [
+            models.Index(fields=["not_before", "id"], condition=Q(status="queued"), name="jobrun_queue_idx"),
+            models.Index(fields=["worker"], condition=Q(status="running"), name="jobrun_running_idx"),
+            models.Index(fields=["job", "status"], name="jobrun_job_status_idx"),
+            models.Index(fields=["status", "scheduled_for"], name="jobrun_status_time_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"run {self.pk} of job {self.job_id} ({self.status})"
+
+    @property
+    def duration_seconds(self) -> float | None:
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return (self.finished_at - self.started_at).total_seconds()
+
+    @property
+    def lateness_seconds(self) -> float | None:
+        if self.started_at is None:
+            return None
+        return (self.started_at - self.scheduled_for).total_seconds()

@@ -1,0 +1,16 @@
+"""Turn a bad setting into one line on stderr and exit status 2, never a traceback."""
+
+import sys
+
+from django.conf import settings
+
+from .env import ConfigError
+
+
+def exit_on_config_error() -> None:
+    """Load settings now, so a ConfigError stops start-up with one line naming the variable."""
+    try:
+        settings.INSTALLED_APPS  # noqa: B018 - touching a setting imports the settings module
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
