@@ -1,0 +1,40 @@
+"""Run the job scheduler: `python manage.py runscheduler` (see jobs.scheduler.engine)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from jobs.scheduler.engine import Engine
+
+
+class Command(BaseCommand):
+    help = "Fire due jobs and execute their runs until stopped (SIGTERM/Ctrl-C: finish running jobs, then exit)."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--max-concurrent", type=int, help="Runs at once (default MAX_CONCURRENT_JOBS).")
+        parser.add_argument("--once", action="store_true", help="One pass, wait for the runs it started, exit.")
+        parser.add_argument("--heartbeat", type=float, help="Seconds between heartbeats.")
+        parser.add_argument("--lost-after", type=float, help="Seconds of silence before a scheduler is dead.")
+        parser.add_argument("--grace", type=float, help="Seconds to let running jobs finish on shutdown.")
+        parser.add_argument("--max-sleep", type=float, help="Longest sleep between passes.")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        for name in ("max_concurrent", "heartbeat", "lost_after", "grace", "max_sleep"):
+            if options[name] is not None and options[name] <= 0:
+                raise CommandError(f"--{name.replace('_', '-')} must be positive")
+        engine = Engine(
+            max_concurrent=options["max_concurrent"],
+            heartbeat_seconds=options["heartbeat"],
+            lost_after=options["lost_after"],
+            shutdown_grace=options["grace"],
+            max_sleep=options["max_sleep"],
+        )
+        if options["once"]:
+            outcomes = engine.run_once()
+            engine.stop()
+            self.stdout.write(f"{len(outcomes)} run(s) finished")
+            return
+        engine.install_signal_handlers()
+        engine.run_forever()

@@ -1,0 +1,336 @@
+"""The scheduler loop: fire due jobs, claim runs up to the free slots, run them, record outcomes.
+
+One engine per `manage.py runscheduler` process. Runs execute in threads, at most
+`max_concurrent` at once; the engine thread alone talks to the database about run lifecycles,
+so outcomes are written in small batches. Between passes it sleeps until the next thing is due
+(bounded by `max_sleep`), and on PostgreSQL a LISTEN connection wakes it as soon as a job or run
+changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.db import DatabaseError, close_old_connections, connection, connections
+from django.utils import timezone
+
+from jobs.conf import get
+from jobs.models import SchedulerProcess
+from jobs.retention import prune_runs
+
+from . import claiming, runner
+from .notify import CHANNEL, notify_schedulers
+
+logger = logging.getLogger("jobs.scheduler")
+
+PRUNE_EVERY_SECONDS = 600.0
+
+
+@dataclass
+class _Inflight:
+    run: Any
+    deadline: float  # time.monotonic() after which the run has timed out
+
+
+class _Listener(threading.Thread):
+    """Wake the engine when PostgreSQL delivers a NOTIFY on the scheduler channel."""
+
+    def __init__(self, wake: threading.Event) -> None:
+        super().__init__(name="scheduler-listen", daemon=True)
+        self._wake = wake
+        self._stop_event = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def run(self) -> None:
+        import select
+
+        while not self._stop_event.is_set():
+            wrapper = connections.create_connection("default")
+            try:
+                wrapper.ensure_connection()
+                raw = wrapper.connection
+                raw.autocommit = True
+                with raw.cursor() as cursor:
+                    cursor.execute(f"LISTEN {CHANNEL}")
+                while not self._stop_event.is_set():
+                    readable, _, _ = select.select([raw], [], [], 1.0)
+                    if readable:
+                        raw.poll()
+                        if raw.notifies:
+                            raw.notifies.clear()
+                            self._wake.set()
+            except Exception:  # noqa: BLE001 - keep listening through database restarts
+                logger.warning("LISTEN connection failed; retrying in 1s", exc_info=True)
+                self._stop_event.wait(1.0)
+            finally:
+                try:
+                    wrapper.close()
+                except Exception:  # noqa: BLE001 - the connection may already be gone
+                    logger.debug("closing LISTEN connection failed", exc_info=True)
+
+
+class Engine:
+    """Fire, claim, run and record, until told to stop."""
+
+    def __init__(
+        self,
+        *,
+        max_concurrent: int | None = None,
+        clock: Callable[[], datetime] = timezone.now,
+        max_sleep: float | None = None,
+        heartbeat_seconds: float | None = None,
+        lost_after: float | None = None,
+        shutdown_grace: float | None = None,
+    ) -> None:
+        self.max_concurrent = max_concurrent or int(get("MAX_CONCURRENT_JOBS"))
+        self.clock = clock
+        self.max_sleep = float(max_sleep if max_sleep is not None else get("MAX_SLEEP_SECONDS"))
+        self.heartbeat_seconds = float(heartbeat_seconds if heartbeat_seconds is not None else get("HEARTBEAT_SECONDS"))
+        self.lost_after = float(lost_after if lost_after is not None else get("LOST_AFTER_SECONDS"))
+        self.shutdown_grace = float(shutdown_grace if shutdown_grace is not None else get("SHUTDOWN_GRACE_SECONDS"))
+        self.process: SchedulerProcess | None = None
+        self._wake = threading.Event()
+        self._done: queue.SimpleQueue[runner.Outcome] = queue.SimpleQueue()
+        self._inflight: dict[int, _Inflight] = {}
+        self._stopping = False
+        self._stop_requested_at: float | None = None
+        self._next_heartbeat = 0.0
+        self._next_prune = 0.0
+        self._listener: _Listener | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def register(self) -> SchedulerProcess:
+        now = self.clock()
+        self.process = SchedulerProcess.objects.create(
+            hostname=socket.gethostname(),
+            pid=os.getpid(),
+            max_concurrent=self.max_concurrent,
+            started_at=now,
+            last_heartbeat_at=now,
+        )
+        self._next_heartbeat = time.monotonic() + self.heartbeat_seconds
+        logger.info("scheduler %s started: %s slots, database %s", self.process, self.max_concurrent, connection.vendor)
+        return self.process
+
+    def request_stop(self) -> None:
+        """Stop claiming and let running jobs finish (first call); exit at once (second call)."""
+        if self._stopping:
+            logger.warning("second stop signal: exiting now; unfinished runs will be recovered as lost")
+            os._exit(1)
+        self._stopping = True
+        self._stop_requested_at = time.monotonic()
+        logger.info(
+            "stopping: no new runs; waiting up to %.0fs for %d running", self.shutdown_grace, len(self._inflight)
+        )
+        self._wake.set()
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: self.request_stop())
+
+    def run_forever(self) -> int:
+        """Run passes until stopped; return the process exit status."""
+        self.register()
+        if connection.vendor == "postgresql":
+            self._listener = _Listener(self._wake)
+            self._listener.start()
+        try:
+            while True:
+                self._wake.clear()
+                try:
+                    self._tick()
+                except DatabaseError:
+                    logger.exception("database error in the scheduler loop; retrying in 1s")
+                    close_old_connections()
+                    connection.close()
+                    self._wake.wait(1.0)
+                    continue
+                if self._stopping and (not self._inflight or self._grace_over()):
+                    break
+                self._sleep()
+        finally:
+            self._shutdown()
+        return 0
+
+    def run_once(self) -> list[runner.Outcome]:
+        """Do one pass, wait for the runs it started (or their timeouts), record them, stop."""
+        if self.process is None:
+            self.register()
+        outcomes: list[runner.Outcome] = []
+        self._tick(collect_into=outcomes)
+        while self._inflight:
+            wait = min(item.deadline for item in self._inflight.values()) - time.monotonic()
+            self._wake.wait(max(0.0, min(wait, 0.05)))
+            self._wake.clear()
+            self._collect(outcomes)
+            self._expire(outcomes)
+        return outcomes
+
+    def stop(self) -> None:
+        """Mark this scheduler stopped (after run_once)."""
+        self._shutdown()
+
+    def _grace_over(self) -> bool:
+        return self._stop_requested_at is not None and time.monotonic() - self._stop_requested_at >= self.shutdown_grace
+
+    def _shutdown(self) -> None:
+        if self._listener is not None:
+            self._listener.stop()
+        try:
+            self._collect([])
+            if self._inflight:
+                logger.warning(
+                    "grace period over with %d run(s) unfinished; other schedulers will mark them lost",
+                    len(self._inflight),
+                )
+            if self.process is not None:
+                SchedulerProcess.objects.filter(pk=self.process.pk).update(stopped_at=self.clock())
+        except DatabaseError:
+            logger.exception("could not record shutdown")
+        logger.info("scheduler %s stopped", self.process)
+
+    # -- one pass ------------------------------------------------------------------------------
+
+    def _tick(self, collect_into: list[runner.Outcome] | None = None) -> None:
+        sink: list[runner.Outcome] = collect_into if collect_into is not None else []
+        self._collect(sink)
+        self._expire(sink)
+        if time.monotonic() >= self._next_heartbeat:
+            self._heartbeat()
+        if self._stopping:
+            return
+        queued = 0
+        while True:
+            report = claiming.fire_due_jobs(now=self.clock())
+            queued += report.queued
+            if report.jobs < 500:
+                break
+        self._claim_and_start()
+        if queued > self.max_concurrent:
+            # More work than this process can take right now: wake the others.
+            notify_schedulers()
+
+    def _claim_and_start(self) -> None:
+        assert self.process is not None
+        free = self.max_concurrent - len(self._inflight)
+        if free <= 0:
+            return
+        runs = claiming.claim_runs(worker_id=self.process.pk, slots=free, now=self.clock())
+        for run in runs:
+            self._start(run)
+
+    def _start(self, run: Any) -> None:
+        lateness = (run.started_at - run.scheduled_for).total_seconds()
+        logger.info(
+            "run started job=%s run=%s attempt=%s trigger=%s lateness=%.3fs",
+            run.job_id,
+            run.pk,
+            run.attempt,
+            run.trigger,
+            lateness,
+            extra={"job_id": run.job_id, "run_id": run.pk, "status": "running", "lateness_seconds": lateness},
+        )
+        self._inflight[run.pk] = _Inflight(run, time.monotonic() + run.job.timeout_seconds)
+        threading.Thread(target=self._work, args=(run,), name=f"run-{run.pk}", daemon=True).start()
+
+    def _work(self, run: Any) -> None:
+        try:
+            outcome = runner.execute(run, clock=self.clock)
+        finally:
+            # Each run thread has its own connection, if the executor used one.
+            connections.close_all()
+        self._done.put(outcome)
+        self._wake.set()
+
+    def _collect(self, sink: list[runner.Outcome]) -> None:
+        """Record the outcomes of finished runs; a run that already timed out is ignored."""
+        finished = []
+        while True:
+            try:
+                outcome = self._done.get_nowait()
+            except queue.Empty:
+                break
+            if self._inflight.pop(outcome.run.pk, None) is not None:
+                finished.append(outcome)
+        self._record(finished, sink)
+
+    def _expire(self, sink: list[runner.Outcome]) -> None:
+        """Record runs past their timeout as timed out and free their slots."""
+        now_mono = time.monotonic()
+        expired = [run_id for run_id, item in self._inflight.items() if item.deadline <= now_mono]
+        if not expired:
+            return
+        # The thread cannot be killed; it is abandoned, and its late outcome is discarded.
+        outcomes = [runner.timed_out(self._inflight.pop(run_id).run, self.clock()) for run_id in expired]
+        self._record(outcomes, sink)
+
+    def _record(self, outcomes: list[runner.Outcome], sink: list[runner.Outcome]) -> None:
+        if not outcomes or self.process is None:
+            return
+        accepted = runner.record_outcomes(outcomes, worker_id=self.process.pk)
+        for outcome in accepted:
+            run = outcome.run
+            duration = (outcome.finished_at - run.started_at).total_seconds() if run.started_at else 0.0
+            log = logger.info if outcome.status == "succeeded" else logger.warning
+            log(
+                "run finished job=%s run=%s status=%s duration=%.3fs%s",
+                run.job_id,
+                run.pk,
+                outcome.status,
+                duration,
+                f" error={outcome.error.splitlines()[0]}" if outcome.error else "",
+                extra={
+                    "job_id": run.job_id,
+                    "run_id": run.pk,
+                    "status": outcome.status,
+                    "duration_seconds": duration,
+                },
+            )
+        sink.extend(accepted)
+
+    def _heartbeat(self) -> None:
+        assert self.process is not None
+        now = self.clock()
+        self._next_heartbeat = time.monotonic() + self.heartbeat_seconds
+        alive = SchedulerProcess.objects.filter(pk=self.process.pk, stopped_at__isnull=True).update(
+            last_heartbeat_at=now
+        )
+        if not alive:
+            # Another scheduler presumed us dead and took our runs; carry on under a new identity.
+            logger.error("scheduler %s was presumed dead by another scheduler; registering again", self.process)
+            self.register()
+        claiming.recover_lost_runs(now=now, lost_after=self.lost_after)
+        if time.monotonic() >= self._next_prune:
+            self._next_prune = time.monotonic() + PRUNE_EVERY_SECONDS
+            prune_runs(
+                now=now, max_age=timedelta(days=get("RUN_RETENTION_DAYS")), keep_per_job=get("RUN_RETENTION_PER_JOB")
+            )
+
+    # -- sleeping ------------------------------------------------------------------------------
+
+    def _sleep(self) -> None:
+        if self._stopping:
+            self._wake.wait(0.1)
+            return
+        now_mono = time.monotonic()
+        timeout = min(self.max_sleep, self._next_heartbeat - now_mono)
+        if self._inflight:
+            timeout = min(timeout, min(item.deadline for item in self._inflight.values()) - now_mono)
+        due = claiming.next_wakeup(include_queue=len(self._inflight) < self.max_concurrent)
+        if due is not None:
+            timeout = min(timeout, (due - self.clock()).total_seconds())
+        if timeout > 0:
+            self._wake.wait(timeout)

@@ -1,0 +1,76 @@
+"""Small job types the engine tests register through JOBS["EXECUTORS"], like any other app."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rest_framework import serializers
+
+from jobs.executors import Executor, ExecutorError
+
+
+class NoopExecutor(Executor):
+    name = "test_noop"
+    description = "Does nothing."
+    safe_to_repeat = True
+
+    def execute(self, run: Any) -> dict[str, Any]:
+        return {"ok": True}
+
+
+class SleepParameters(serializers.Serializer):
+    seconds = serializers.FloatField(min_value=0, max_value=3600, default=1.0)
+
+
+class SleepExecutor(Executor):
+    name = "test_sleep"
+    description = "Sleeps for `seconds`; safe to repeat."
+    parameters_serializer = SleepParameters
+    safe_to_repeat = True
+
+    def execute(self, run: Any) -> dict[str, Any]:
+        seconds = self.parameters_for(run)["seconds"]
+        time.sleep(seconds)
+        return {"slept": seconds}
+
+
+class UnsafeSleepExecutor(SleepExecutor):
+    name = "test_sleep_unsafe"
+    description = "Sleeps for `seconds`; not safe to repeat."
+    safe_to_repeat = False
+
+
+class FailExecutor(Executor):
+    name = "test_fail"
+    description = "Always fails."
+    safe_to_repeat = True
+
+    def execute(self, run: Any) -> None:
+        raise ExecutorError("boom")
+
+
+class FlakyParameters(serializers.Serializer):
+    succeed_on_attempt = serializers.IntegerField(min_value=1, default=2)
+
+
+class FlakyExecutor(Executor):
+    name = "test_flaky"
+    description = "Fails until the given attempt."
+    parameters_serializer = FlakyParameters
+    safe_to_repeat = True
+
+    def execute(self, run: Any) -> dict[str, Any]:
+        if run.attempt < self.parameters_for(run)["succeed_on_attempt"]:
+            raise ExecutorError(f"attempt {run.attempt} fails")
+        return {"attempt": run.attempt}
+
+
+class HangExecutor(Executor):
+    name = "test_hang"
+    description = "Never returns (well, after an hour)."
+    safe_to_repeat = False
+
+    def execute(self, run: Any) -> None:
+        time.sleep(3600)
+

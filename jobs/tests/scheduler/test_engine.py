@@ -1,0 +1,122 @@
+"""The engine driven one pass at a time (run_once) with the clock passed in."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from jobs.models import Job, JobRun
+
+
+def test_due_job_runs_once_and_advances(make_job, engine_factory, now):
+    job = make_job(now=now - timedelta(seconds=30))
+    assert job.next_run_at == now
+    outcomes = engine_factory(now=now).run_once()
+    assert [o.status for o in outcomes] == ["succeeded"]
+    run = JobRun.objects.get()
+    assert run.status == JobRun.Status.SUCCEEDED
+    assert run.scheduled_for == job.next_run_at
+    assert run.result == {"ok": True}
+    assert run.worker is not None and run.started_at is not None and run.finished_at is not None
+    job.refresh_from_db()
+    assert job.next_run_at == now + timedelta(minutes=1)
+    assert job.last_run_status == "succeeded" and job.last_run_at == run.started_at
+    # A second pass at the same instant finds nothing due.
+    assert engine_factory(now=now).run_once() == []
+    assert JobRun.objects.count() == 1
+
+
+def test_failure_is_recorded_with_traceback(make_job, engine_factory, now):
+    make_job(now=now - timedelta(seconds=30), job_type="test_fail")
+    engine_factory(now=now).run_once()
+    run = JobRun.objects.get()
+    assert run.status == JobRun.Status.FAILED
+    assert run.error.startswith("ExecutorError: boom")
+    assert "Traceback" in run.error
+
+
+def test_failed_run_is_retried_with_backoff(make_job, engine_factory, now):
+    job = make_job(now=now - timedelta(seconds=30), job_type="test_flaky", max_retries=2, retry_backoff_seconds=10)
+    engine_factory(now=now).run_once()
+    first, retry = JobRun.objects.order_by("attempt")
+    assert (first.status, retry.status) == ("failed", "queued")
+    assert retry.attempt == 2 and retry.trigger == "retry" and retry.scheduled_for == first.scheduled_for
+    delay = (retry.not_before - first.finished_at).total_seconds()
+    assert 5 <= delay <= 10  # backoff 10 s with jitter on its upper half
+    # Not before its time...
+    assert engine_factory(now=now + timedelta(seconds=4)).run_once() == []
+    # ...then it runs and succeeds on attempt 2.
+    outcomes = engine_factory(now=now + timedelta(seconds=11)).run_once()
+    assert [(o.run.attempt, o.status) for o in outcomes] == [(2, "succeeded")]
+    job.refresh_from_db()
+    assert job.last_run_status == "succeeded"
+
+
+def test_retries_stop_at_max_retries(make_job, engine_factory, now):
+    make_job(now=now - timedelta(seconds=30), job_type="test_fail", max_retries=1, retry_backoff_seconds=1)
+    engine_factory(now=now).run_once()
+    engine_factory(now=now + timedelta(seconds=2)).run_once()
+    engine_factory(now=now + timedelta(seconds=4)).run_once()
+    assert list(JobRun.objects.order_by("attempt").values_list("attempt", "status")) == [(1, "failed"), (2, "failed")]
+
+
+def test_concurrency_is_capped_and_the_rest_stay_queued(make_job, engine_factory, now):
+    for _ in range(7):
+        make_job(now=now - timedelta(seconds=30), overlap_policy="allow")
+    outcomes = engine_factory(now=now, max_concurrent=3).run_once()
+    assert len(outcomes) == 3
+    assert JobRun.objects.filter(status="succeeded").count() == 3
+    assert JobRun.objects.filter(status="queued").count() == 4
+
+
+def test_hung_run_times_out_and_frees_its_slot(make_job, engine_factory, now):
+    hung = make_job(now=now - timedelta(seconds=30), job_type="test_hang", timeout_seconds=1)
+    started = time.monotonic()
+    outcomes = engine_factory(max_concurrent=1).run_once()
+    assert time.monotonic() - started < 5
+    assert [o.status for o in outcomes] == ["timed_out"]
+    run = JobRun.objects.get(job=hung)
+    assert run.status == "timed_out" and "timed out after 1s" in run.error
+    # The slot is free again: the next job runs on the same engine size.
+    make_job(now=now - timedelta(seconds=30))
+    assert [o.status for o in engine_factory(max_concurrent=1).run_once()] == ["succeeded"]
+
+
+def test_manual_run_is_picked_up(make_job, engine_factory, now):
+    from jobs import services
+
+    job = make_job(now=now, cron="0 0 1 1 *")
+    services.job_trigger(job, now=now)
+    outcomes = engine_factory(now=now).run_once()
+    assert [(o.run.trigger, o.status) for o in outcomes] == [("manual", "succeeded")]
+
+
+def test_disabled_jobs_never_fire(make_job, engine_factory, now):
+    job = make_job(now=now - timedelta(seconds=30))
+    from jobs import services
+
+    services.job_pause(job)
+    assert engine_factory(now=now).run_once() == []
+    assert not JobRun.objects.exists()
+    assert Job.objects.get().next_run_at is None
+
+
+@pytest.mark.parametrize("max_concurrent", [1, 5])
+def test_burst_query_count_is_small(make_job, engine_factory, now, max_concurrent):
+    for _ in range(20):
+        make_job(now=now - timedelta(seconds=30), overlap_policy="allow")
+    engine = engine_factory(now=now, max_concurrent=max_concurrent)
+    engine.register()
+    with CaptureQueriesContext(connection) as captured:
+        outcomes = engine.run_once()
+    assert len(outcomes) == max_concurrent
+    statements = [q["sql"] for q in captured.captured_queries if not q["sql"].startswith(("SAVEPOINT", "RELEASE"))]
+    # Fire 20 jobs: 4 statements whatever their number; claim: 3; record: 2 per run; and on
+    # PostgreSQL one NOTIFY, since more runs were queued than this scheduler could take.
+    notify = 1 if connection.vendor == "postgresql" else 0
+    assert len(statements) == 4 + 3 + 2 * max_concurrent + notify, statements
+    assert sum(sql.startswith("NOTIFY") for sql in statements) == notify
