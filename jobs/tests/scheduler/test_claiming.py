@@ -1,0 +1,176 @@
+"""Firing due jobs, claiming runs, and recovering lost ones (jobs/scheduler/claiming.py)."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import pytest
+from django.db import connection, connections
+
+from jobs.models import Job, JobRun, SchedulerProcess
+from jobs.scheduler import claiming
+
+
+def _worker(now, **fields):
+    fields.setdefault("last_heartbeat_at", now)
+    return SchedulerProcess.objects.create(hostname="test", pid=1, started_at=now, **fields)
+
+
+def _runs(job):
+    return list(job.runs.order_by("scheduled_for", "attempt").values_list("scheduled_for", "status", "missed_fires"))
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected_status"),
+    [("run_once", JobRun.Status.QUEUED), ("skip", JobRun.Status.SKIPPED)],
+)
+def test_downtime_follows_the_misfire_policy(make_job, now, policy, expected_status):
+    # Hourly job; the scheduler was down from 08:30 to 12:00 + 10 minutes.
+    job = make_job(now=now - timedelta(hours=3, minutes=30), cron="0 * * * *", misfire_policy=policy)
+    assert job.next_run_at == now - timedelta(hours=3)
+    later = now + timedelta(minutes=10)
+    report = claiming.fire_due_jobs(now=later)
+    assert report.jobs == 1
+    # 09:00, 10:00, 11:00 and 12:00 were missed: one row stands for all four.
+    assert _runs(job) == [(now, expected_status, 3)]
+    job.refresh_from_db()
+    assert job.next_run_at == now + timedelta(hours=1)  # scheduling goes on
+    if policy == "skip":
+        assert "4 fire(s) missed" in job.runs.get().skip_reason
+
+
+def test_fires_within_grace_all_run(make_job, now):
+    job = make_job(now=now - timedelta(seconds=10), cron="* * * * * *", overlap_policy="allow")
+    claiming.fire_due_jobs(now=now)
+    # Every second from now-9s to now, each a run of its own (all within the 60 s grace).
+    assert [row[0] for row in _runs(job)] == [now - timedelta(seconds=s) for s in range(9, -1, -1)]
+    assert {row[1] for row in _runs(job)} == {"queued"}
+
+
+def test_late_fires_beside_on_time_fires_are_recorded_as_skipped(make_job, now):
+    job = make_job(now=now - timedelta(seconds=10), cron="* * * * * *", overlap_policy="allow", misfire_grace_seconds=3)
+    claiming.fire_due_jobs(now=now)
+    rows = _runs(job)
+    # -9..-4 are late (more than 3 s): one skipped row for the latest of them; -3..0 run.
+    assert rows[0] == (now - timedelta(seconds=4), "skipped", 5)
+    assert rows[1:] == [(now - timedelta(seconds=s), "queued", 0) for s in (3, 2, 1, 0)]
+
+
+def test_overlap_forbid_skips_a_fire_while_a_run_is_active(make_job, now):
+    job = make_job(now=now - timedelta(seconds=30))
+    JobRun.objects.create(job=job, scheduled_for=now - timedelta(minutes=5), not_before=now, status="running")
+    claiming.fire_due_jobs(now=now)
+    fire = job.runs.get(scheduled_for=now)
+    assert fire.status == "skipped" and fire.skip_reason.startswith("overlap")
+
+
+def test_overlap_allow_queues_beside_an_active_run(make_job, now):
+    job = make_job(now=now - timedelta(seconds=30), overlap_policy="allow")
+    JobRun.objects.create(job=job, scheduled_for=now - timedelta(minutes=5), not_before=now, status="running")
+    claiming.fire_due_jobs(now=now)
+    assert job.runs.get(scheduled_for=now).status == "queued"
+
+
+def test_a_fire_cannot_be_recorded_twice(make_job, now):
+    job = make_job(now=now - timedelta(seconds=30))
+    claiming.fire_due_jobs(now=now)
+    # Put the schedule back as if a stale process had not seen the advance: no second row.
+    Job.objects.filter(pk=job.pk).update(next_run_at=now)
+    claiming.fire_due_jobs(now=now)
+    assert job.runs.count() == 1
+
+
+def test_claim_takes_no_more_than_the_free_slots_and_never_twice(make_job, now):
+    worker = _worker(now)
+    for _ in range(5):
+        make_job(now=now - timedelta(seconds=30), overlap_policy="allow")
+    claiming.fire_due_jobs(now=now)
+    first = claiming.claim_runs(worker_id=worker.pk, slots=2, now=now)
+    second = claiming.claim_runs(worker_id=worker.pk, slots=10, now=now)
+    assert len(first) == 2 and len(second) == 3
+    assert not {run.pk for run in first} & {run.pk for run in second}
+    assert claiming.claim_runs(worker_id=worker.pk, slots=10, now=now) == []
+    assert JobRun.objects.filter(status="running", worker=worker).count() == 5
+
+
+def test_claim_respects_not_before(make_job, now):
+    worker = _worker(now)
+    job = make_job(now=now, cron="0 0 1 1 *")
+    JobRun.objects.create(job=job, scheduled_for=now, not_before=now + timedelta(seconds=5), trigger="retry", attempt=2)
+    assert claiming.claim_runs(worker_id=worker.pk, slots=5, now=now) == []
+    assert len(claiming.claim_runs(worker_id=worker.pk, slots=5, now=now + timedelta(seconds=5))) == 1
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_postgres_skips_a_run_locked_by_another_connection(make_job, now):
+    worker = _worker(now)
+    for _ in range(3):
+        make_job(now=now - timedelta(seconds=30), overlap_policy="allow")
+    claiming.fire_due_jobs(now=now)
+    locked_id = JobRun.objects.order_by("not_before", "id").values_list("id", flat=True).first()
+    locked = threading.Event()
+    release = threading.Event()
+
+    def hold_lock() -> None:
+        other = connections.create_connection("default")
+        try:
+            other.set_autocommit(False)
+            with other.cursor() as cursor:
+                cursor.execute("SELECT id FROM jobs_jobrun WHERE id = %s FOR UPDATE", [locked_id])
+                locked.set()
+                release.wait(10)
+            other.rollback()
+        finally:
+            other.close()
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    try:
+        assert locked.wait(10)
+        claimed = claiming.claim_runs(worker_id=worker.pk, slots=10, now=now)
+        assert len(claimed) == 2
+        assert locked_id not in {run.pk for run in claimed}
+    finally:
+        release.set()
+        holder.join()
+    # Once released, the skipped run is claimable.
+    assert [run.pk for run in claiming.claim_runs(worker_id=worker.pk, slots=10, now=now)] == [locked_id]
+    assert connection.vendor == "postgresql"
+
+
+@pytest.mark.parametrize(
+    ("job_type", "max_retries", "retried"),
+    [("test_sleep", 0, True), ("test_sleep", 3, True), ("test_sleep_unsafe", 3, False)],
+)
+def test_runs_of_a_dead_scheduler_become_lost_and_safe_ones_retry(make_job, now, job_type, max_retries, retried):
+    dead = _worker(now, last_heartbeat_at=now - timedelta(seconds=31))
+    alive = _worker(now)
+    job = make_job(now=now, cron="0 0 1 1 *", job_type=job_type, max_retries=max_retries)
+    lost = JobRun.objects.create(job=job, scheduled_for=now, not_before=now, status="running", worker=dead)
+    kept = JobRun.objects.create(
+        job=job, scheduled_for=now - timedelta(hours=1), not_before=now, status="running", worker=alive
+    )
+    recovered = claiming.recover_lost_runs(now=now, lost_after=30)
+    assert [run.pk for run in recovered] == [lost.pk]
+    lost.refresh_from_db()
+    kept.refresh_from_db()
+    assert lost.status == "lost" and "test:1 stopped" in lost.error
+    assert kept.status == "running"
+    dead.refresh_from_db()
+    assert dead.stopped_at == now
+    retry = job.runs.filter(attempt=2).first()
+    assert (retry is not None) == retried
+    if retried:
+        assert (retry.status, retry.trigger, retry.scheduled_for) == ("queued", "retry", now)
+    job.refresh_from_db()
+    assert job.last_run_status == "lost"
+
+
+def test_a_lost_run_is_retried_only_once_when_max_retries_is_zero(make_job, now):
+    dead = _worker(now, last_heartbeat_at=now - timedelta(seconds=60))
+    job = make_job(now=now, cron="0 0 1 1 *", job_type="test_sleep")
+    JobRun.objects.create(job=job, scheduled_for=now, attempt=2, not_before=now, status="running", worker=dead)
+    claiming.recover_lost_runs(now=now, lost_after=30)
+    assert not job.runs.filter(attempt=3).exists()

@@ -1,0 +1,243 @@
+"""Real `manage.py runscheduler` processes against the test database.
+
+Every process a test starts is stopped by its own pid at the end of the test.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.db import connection
+from django.utils import timezone
+
+from jobs import services
+from jobs.models import Job, JobRun, SchedulerProcess
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+ROOT = Path(settings.BASE_DIR)
+
+
+def _database_url() -> str:
+    db = connection.settings_dict
+    if connection.vendor == "postgresql":
+        return f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+    return f"sqlite:///{db['NAME']}"
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.05) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+class Schedulers:
+    """Start and stop runscheduler processes; stops only the ones it started."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, *args: str, max_concurrent: int = 5) -> subprocess.Popen[bytes]:
+        env = {
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "jobs.tests.settings",
+            "DATABASE_URL": _database_url(),
+            "ENV_FILE": os.devnull,
+            "LOG_LEVEL": "info",
+        }
+        log = open(self.tmp_path / f"scheduler-{len(self.procs)}.log", "wb")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "manage.py"),
+                "runscheduler",
+                "--max-concurrent",
+                str(max_concurrent),
+                "--heartbeat",
+                "0.5",
+                "--lost-after",
+                "3",
+                "--max-sleep",
+                "0.5",
+                *args,
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def registered(self, proc: subprocess.Popen[bytes]) -> SchedulerProcess:
+        return wait_for(lambda: SchedulerProcess.objects.filter(pid=proc.pid, stopped_at__isnull=True).first(), 20)  # type: ignore[return-value]
+
+    def logs(self) -> str:
+        return "\n".join(path.read_text(errors="replace") for path in sorted(self.tmp_path.glob("scheduler-*.log")))
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+
+
+@pytest.fixture
+def schedulers(tmp_path: Path) -> Iterator[Schedulers]:
+    group = Schedulers(tmp_path)
+    try:
+        yield group
+    finally:
+        group.stop_all()
+
+
+def _job(**fields: object) -> Job:
+    fields.setdefault("name", "job")
+    fields.setdefault("cron_expression", "0 0 1 1 *")
+    fields.setdefault("job_type", "test_noop")
+    return services.job_create(**fields)
+
+
+def test_several_processes_fire_every_second_exactly_once(schedulers: Schedulers) -> None:
+    count = 3 if connection.vendor == "postgresql" else 2
+    procs = [schedulers.start() for _ in range(count)]
+    for proc in procs:
+        schedulers.registered(proc)
+    jobs = [_job(name=f"every second {i}", cron_expression="* * * * * *", overlap_policy="allow") for i in range(5)]
+    time.sleep(6)
+    for job in jobs:
+        services.job_pause(job)
+    wait_for(lambda: not JobRun.objects.active().exists(), 20)
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        assert proc.wait(30) == 0, schedulers.logs()
+
+    workers = set()
+    for job in jobs:
+        runs = list(job.runs.all())
+        fires = Counter(run.scheduled_for for run in runs)
+        assert fires, f"job {job.pk} never fired"
+        assert max(fires.values()) == 1, f"double fire: {fires.most_common(1)}"
+        first, last = min(fires), max(fires)
+        expected = int((last - first).total_seconds()) + 1
+        assert len(fires) == expected >= 4, f"missing fires between {first} and {last}"
+        assert {run.status for run in runs} == {"succeeded"}
+        assert {run.attempt for run in runs} == {1}
+        workers |= {run.worker_id for run in runs}
+    assert len(workers) >= 2, "the work was not shared between the processes"
+
+
+def test_kill_9_mid_run_is_recovered_and_safe_work_retried(schedulers: Schedulers) -> None:
+    first = schedulers.start(max_concurrent=1)
+    doomed = schedulers.registered(first)
+    job = _job(job_type="test_sleep", parameters={"seconds": 2})
+    run = services.job_trigger(job)
+    wait_for(lambda: JobRun.objects.filter(pk=run.pk, status="running", worker=doomed).exists(), 20)
+    first.send_signal(signal.SIGKILL)
+    assert first.wait(10) == -signal.SIGKILL
+    killed_at = time.monotonic()
+
+    survivor = schedulers.start()
+    schedulers.registered(survivor)
+    retry = wait_for(lambda: JobRun.objects.filter(job=job, attempt=2, status="succeeded").first(), 30)
+    recovered_in = time.monotonic() - killed_at
+    run.refresh_from_db()
+    assert run.status == "lost" and str(doomed) in run.error
+    assert retry.trigger == "retry" and retry.scheduled_for == run.scheduled_for  # type: ignore[attr-defined]
+    assert recovered_in < 60
+    doomed.refresh_from_db()
+    assert doomed.stopped_at is not None
+
+
+def test_kill_9_of_unsafe_work_is_lost_without_retry(schedulers: Schedulers) -> None:
+    first = schedulers.start()
+    doomed = schedulers.registered(first)
+    job = _job(job_type="test_sleep_unsafe", parameters={"seconds": 30})
+    run = services.job_trigger(job)
+    wait_for(lambda: JobRun.objects.filter(pk=run.pk, status="running", worker=doomed).exists(), 20)
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    schedulers.registered(schedulers.start())
+    wait_for(lambda: JobRun.objects.filter(pk=run.pk, status="lost").exists(), 30)
+    time.sleep(1.5)  # a retry would have been queued in the same transaction
+    assert list(job.runs.values_list("attempt", "status")) == [(1, "lost")]
+
+
+def test_sigterm_lets_the_running_job_finish_then_exits_0(schedulers: Schedulers) -> None:
+    proc = schedulers.start()
+    me = schedulers.registered(proc)
+    job = _job(job_type="test_sleep", parameters={"seconds": 2})
+    run = services.job_trigger(job)
+    wait_for(lambda: JobRun.objects.filter(pk=run.pk, status="running").exists(), 20)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0, schedulers.logs()
+    run.refresh_from_db()
+    assert run.status == "succeeded"
+    me.refresh_from_db()
+    assert me.stopped_at is not None
+
+
+def test_second_signal_exits_at_once(schedulers: Schedulers) -> None:
+    proc = schedulers.start()
+    schedulers.registered(proc)
+    run = services.job_trigger(_job(job_type="test_sleep", parameters={"seconds": 60}))
+    wait_for(lambda: JobRun.objects.filter(pk=run.pk, status="running").exists(), 20)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert proc.poll() is None  # still waiting for the run
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(5) != 0
+    assert time.monotonic() - started < 2
+    # The run it left behind is still marked running, for recovery to mark lost.
+    assert JobRun.objects.get(pk=run.pk).status == "running"
+
+
+@pytest.mark.postgres
+def test_notify_wakes_an_idle_scheduler_within_a_second(schedulers: Schedulers) -> None:
+    # With --max-sleep 30 only a NOTIFY can explain a prompt start.
+    proc = schedulers.start("--max-sleep", "30")
+    schedulers.registered(proc)
+    time.sleep(1)  # let it settle into its long sleep
+    now = timezone.now()
+    due = _job(cron_expression="* * * * * *", now=now + timedelta(seconds=1))
+    first = wait_for(lambda: due.runs.exclude(started_at=None).order_by("scheduled_for").first(), 10)
+    assert first.lateness_seconds < 1.0  # type: ignore[attr-defined]
+    services.job_pause(due)
+
+    manual = _job()
+    requested = timezone.now()
+    run = services.job_trigger(manual, now=requested)
+    started = wait_for(lambda: JobRun.objects.filter(pk=run.pk).exclude(started_at=None).first(), 10)
+    assert (started.started_at - requested).total_seconds() < 1.0  # type: ignore[attr-defined]
+
+
+def test_downtime_follows_the_misfire_policy_on_start(schedulers: Schedulers) -> None:
+    three_hours_ago = timezone.now() - timedelta(hours=3)
+    catch_up = _job(name="catch up", cron_expression="*/30 * * * *", now=three_hours_ago)
+    skip = _job(name="skip", cron_expression="*/30 * * * *", misfire_policy="skip", now=three_hours_ago)
+    proc = schedulers.start("--once")
+    assert proc.wait(30) == 0, schedulers.logs()
+    (caught,) = catch_up.runs.all()
+    assert caught.status == "succeeded" and caught.missed_fires >= 5
+    (skipped,) = skip.runs.all()
+    assert skipped.status == "skipped" and "missed" in skipped.skip_reason
+    for job in (catch_up, skip):
+        job.refresh_from_db()
+        assert job.next_run_at > timezone.now()

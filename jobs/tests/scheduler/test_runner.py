@@ -1,0 +1,72 @@
+"""Executing one run and writing its outcome back (jobs/scheduler/runner.py)."""
+
+from __future__ import annotations
+
+import random
+from datetime import timedelta
+
+import pytest
+from django.test import override_settings
+
+from jobs.models import Job, JobRun, SchedulerProcess
+from jobs.scheduler import runner
+
+
+@pytest.fixture
+def running(make_job, now):
+    def make(job_type="test_noop", **fields):
+        worker = SchedulerProcess.objects.create(hostname="h", pid=2, started_at=now, last_heartbeat_at=now)
+        job = make_job(now=now, cron="0 0 1 1 *", job_type=job_type, **fields)
+        run = JobRun.objects.create(
+            job=job, scheduled_for=now, not_before=now, status="running", worker=worker, started_at=now
+        )
+        return JobRun.objects.select_related("job").get(pk=run.pk), worker
+
+    return make
+
+
+def test_outcome_is_fenced_by_the_worker_and_status(running, now):
+    run, worker = running()
+    # Another scheduler marked it lost (and retried it) while this one was still running it.
+    JobRun.objects.filter(pk=run.pk).update(status="lost")
+    outcome = runner.execute(run, clock=lambda: now)
+    assert runner.record_outcomes([outcome], worker_id=worker.pk) == []
+    run.refresh_from_db()
+    assert run.status == "lost" and run.result is None
+
+
+def test_outcome_from_another_worker_is_refused(running, now):
+    run, worker = running()
+    outcome = runner.execute(run, clock=lambda: now)
+    assert runner.record_outcomes([outcome], worker_id=worker.pk + 1000) == []
+    assert JobRun.objects.get(pk=run.pk).status == "running"
+
+
+def test_unknown_job_type_fails_the_run(running, now):
+    run, worker = running()
+    Job.objects.filter(pk=run.job_id).update(job_type="gone_type")
+    run.job.job_type = "gone_type"
+    outcome = runner.execute(run, clock=lambda: now)
+    assert outcome.status == "failed" and "unknown job type 'gone_type'" in outcome.error
+
+
+def test_large_results_are_capped(running, now):
+    run, worker = running()
+    with override_settings(JOBS={"RESULT_MAX_BYTES": 100}):
+        capped = runner._cap_result({"data": "x" * 1000})
+    assert capped["truncated"] is True and capped["size_bytes"] > 1000
+
+
+@pytest.mark.parametrize(("attempt", "low", "high"), [(1, 5, 10), (2, 10, 20), (3, 20, 40), (10, 2560, 5120)])
+def test_retry_delay_grows_exponentially_with_jitter(make_job, now, attempt, low, high):
+    job = make_job(now=now, retry_backoff_seconds=10)
+    delays = [runner.retry_delay(job, attempt, rng=random.Random(seed)) for seed in range(50)]
+    assert all(low <= delay <= high for delay in delays)
+    assert len(set(delays)) > 40  # jittered, not all the same
+
+
+def test_timed_out_outcome_can_be_retried(running, now):
+    run, worker = running(job_type="test_hang", max_retries=1, retry_backoff_seconds=1, timeout_seconds=1)
+    accepted = runner.record_outcomes([runner.timed_out(run, now + timedelta(seconds=1))], worker_id=worker.pk)
+    assert [o.status for o in accepted] == ["timed_out"]
+    assert JobRun.objects.filter(job=run.job, attempt=2, status="queued").exists()
