@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -15,6 +16,8 @@ from .models import Job, JobRun
 from .scheduler.notify import notify_schedulers
 
 SCHEDULE_FIELDS = frozenset({"cron_expression", "timezone", "enabled"})
+MAX_PARAMETERS_BYTES = 64 * 1024
+MAX_PARAMETERS_DEPTH = 32
 
 
 class JobValidationError(Exception):
@@ -31,6 +34,28 @@ def _flatten(detail: Any) -> Any:
     if isinstance(detail, list):
         return [_flatten(item) for item in detail]
     return str(detail)
+
+
+def parameters_problem(parameters: Any) -> str | None:
+    """Return why `parameters` cannot be stored on a job, or None when they can."""
+    if not isinstance(parameters, dict):
+        return "must be a JSON object"
+    # Iterative, so a deeply nested document is refused instead of exhausting the stack.
+    stack: list[tuple[Any, int]] = [(parameters, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            if "\x00" in value:
+                # PostgreSQL's jsonb cannot store U+0000.
+                return "must not contain NUL characters"
+        elif isinstance(value, dict | list):
+            if depth > MAX_PARAMETERS_DEPTH:
+                return f"must not be nested more than {MAX_PARAMETERS_DEPTH} levels deep"
+            items = [item for pair in value.items() for item in pair] if isinstance(value, dict) else value
+            stack.extend((item, depth + 1) for item in items)
+    if len(json.dumps(parameters)) > MAX_PARAMETERS_BYTES:
+        return f"must be at most {MAX_PARAMETERS_BYTES} bytes of JSON"
+    return None
 
 
 def job_clean(*, cron_expression: str, timezone: str, job_type: str, parameters: Any) -> dict[str, Any]:
@@ -52,11 +77,16 @@ def job_clean(*, cron_expression: str, timezone: str, job_type: str, parameters:
         errors["job_type"] = [f"unknown job type {job_type!r}; known types: {', '.join(job_type_names())}"]
     else:
         cleaned["job_type"] = job_type
-        try:
-            executor.validate_parameters(parameters)
-        except serializers.ValidationError as exc:
-            errors["parameters"] = _flatten(exc.detail)
-        cleaned["parameters"] = {} if parameters is None else parameters
+        parameters = {} if parameters is None else parameters
+        problem = parameters_problem(parameters)
+        if problem:
+            errors["parameters"] = [problem]
+        else:
+            try:
+                executor.validate_parameters(parameters)
+            except serializers.ValidationError as exc:
+                errors["parameters"] = _flatten(exc.detail)
+        cleaned["parameters"] = parameters
     if errors:
         raise JobValidationError(errors)
     return cleaned
@@ -111,9 +141,9 @@ def job_update(job: Job, *, now: datetime | None = None, **fields: Any) -> Job:
     return job
 
 
-def job_pause(job: Job) -> Job:
+def job_pause(job: Job, *, now: datetime | None = None) -> Job:
     """Disable a job; it keeps its runs but fires no more."""
-    return job_update(job, enabled=False)
+    return job_update(job, enabled=False, now=now)
 
 
 def job_resume(job: Job, *, now: datetime | None = None) -> Job:
@@ -136,6 +166,8 @@ def job_trigger(job: Job, *, now: datetime | None = None) -> JobRun:
                 transaction.on_commit(notify_schedulers)
             return run
         except IntegrityError:
+            if not Job.objects.filter(pk=job.pk).exists():
+                raise Job.DoesNotExist(f"job {job.pk} no longer exists") from None
             # Two manual runs in the same microsecond: keep both, one a microsecond later.
             now = now + timedelta(microseconds=1)
     raise RuntimeError("could not queue a manual run")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import zoneinfo
 from collections.abc import Callable
 from pathlib import Path
@@ -94,13 +95,23 @@ def env_timezone(name: str, default: str) -> str:
     return value
 
 
+def redact_password(value: str) -> str:
+    """Hide the password of a URL such as postgres://user:secret@host/db, for error messages."""
+    return _URL_PASSWORD.sub(r"\1***@", value)
+
+
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)\S*@")  # greedy: a raw @ in a password stays hidden
+
+
 def env_parsed(name: str, default: str, parse: Callable[[str], T], what: str) -> T:
     """Parse a value with a library function and turn its errors into a ConfigError."""
     value = env_str(name, default)
     try:
         return parse(value)
     except Exception as exc:  # noqa: BLE001 - libraries raise anything from ValueError to KeyError
-        raise ConfigError(name, f"{value!r} is not a valid {what} ({exc})") from None
+        # The message goes to stderr and logs: never show a password from the URL.
+        reason = redact_password(str(exc)).replace(value, redact_password(value))
+        raise ConfigError(name, f"{redact_password(value)!r} is not a valid {what} ({reason})") from None
 
 
 def database_from_url(url: str, *, base_dir: Path) -> dict[str, Any]:
@@ -128,3 +139,20 @@ def database_from_url(url: str, *, base_dir: Path) -> dict[str, Any]:
     elif not config.get("NAME"):
         raise ValueError("the URL names no database")
     return config
+
+
+def email_from_url(url: str) -> dict[str, Any]:
+    """Parse EMAIL_URL (smtp://, submission://, console:, file:///path, ...) into EMAIL_* settings."""
+    import dj_email_url
+
+    scheme = url.split(":", 1)[0].lower()
+    if ":" not in url or scheme not in dj_email_url.SCHEMES:
+        raise ValueError(f"use one of the schemes {', '.join(sorted(dj_email_url.SCHEMES))}")
+    return dict(dj_email_url.parse(url))
+
+
+def throttle_rate(value: str) -> str:
+    """Check a DRF throttle rate such as 30/minute; DRF itself would only fail at request time."""
+    if not re.fullmatch(r"[0-9]+/(s|sec|second|m|min|minute|h|hour|d|day)", value):
+        raise ValueError("use a number of requests per second, minute, hour or day, e.g. 30/minute")
+    return value

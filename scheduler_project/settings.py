@@ -7,6 +7,7 @@ from pathlib import Path
 from .env import (
     ConfigError,
     database_from_url,
+    email_from_url,
     env_bool,
     env_choice,
     env_int,
@@ -15,6 +16,7 @@ from .env import (
     env_str,
     env_timezone,
     load_dotenv_file,
+    throttle_rate,
 )
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -65,7 +67,7 @@ WSGI_APPLICATION = "scheduler_project.wsgi.application"
 TEMPLATES = [
     {
         "BACKEND": "django.template.backends.django.DjangoTemplates",
-        "DIRS": [BASE_DIR / "templates"],
+        "DIRS": [BASE_DIR / "templates", BASE_DIR / "scheduler_project" / "templates"],
         "APP_DIRS": True,
         "OPTIONS": {
             "context_processors": [
@@ -115,10 +117,10 @@ STORAGES = {
 # Email: EMAIL_URL (smtp://user:pass@host:port, submission://..., console:) or the usual EMAIL_*.
 _email_url = env_str("EMAIL_URL", "")
 if _email_url:
-    import dj_email_url
-
-    _email = env_parsed("EMAIL_URL", _email_url, dj_email_url.parse, "email URL")
+    _email = env_parsed("EMAIL_URL", _email_url, email_from_url, "email URL")
     EMAIL_BACKEND = _email["EMAIL_BACKEND"]
+    if _email["EMAIL_FILE_PATH"]:
+        EMAIL_FILE_PATH = _email["EMAIL_FILE_PATH"]
     EMAIL_HOST = _email["EMAIL_HOST"] or "localhost"
     EMAIL_PORT = _email["EMAIL_PORT"] or 25
     EMAIL_HOST_USER = _email["EMAIL_HOST_USER"] or ""
@@ -152,14 +154,19 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["jobs.api.permissions.ModelPermissions"],
+    "DEFAULT_PARSER_CLASSES": [
+        "jobs.api.parsers.JSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
     "DEFAULT_PAGINATION_CLASS": "jobs.api.pagination.Pagination",
     "DEFAULT_FILTER_BACKENDS": [
         "django_filters.rest_framework.DjangoFilterBackend",
-        "rest_framework.filters.OrderingFilter",
-        "rest_framework.filters.SearchFilter",
+        "jobs.api.filters.OrderingFilter",
+        "jobs.api.filters.SearchFilter",
     ],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
-    "DEFAULT_THROTTLE_RATES": {"run_now": env_str("RUN_NOW_THROTTLE", "30/minute")},
+    "DEFAULT_THROTTLE_RATES": {"run_now": env_parsed("RUN_NOW_THROTTLE", "30/minute", throttle_rate, "rate")},
     "EXCEPTION_HANDLER": "jobs.api.errors.exception_handler",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
     "DATETIME_FORMAT": "iso-8601",
@@ -176,9 +183,12 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    # Swagger UI would send the schema's URL to validator.swagger.io for a badge; stay offline.
+    "SWAGGER_UI_SETTINGS": {"deepLinking": True, "validatorUrl": None},
     "COMPONENT_SPLIT_REQUEST": True,
     "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
     "SERVE_AUTHENTICATION": [],
+    "PREPROCESSING_HOOKS": ["jobs.api.schema.document_paths_without_slash"],
 }
 
 JOBS = {

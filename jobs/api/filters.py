@@ -1,11 +1,51 @@
+"""Query-string filters for the job and run lists."""
+
+from typing import Any
+
 import django_filters
+from django import forms
+from django.db.models import F, QuerySet
+from rest_framework import filters
+from rest_framework.exceptions import ValidationError
+from rest_framework.request import Request
 
 from jobs.models import Job, JobRun
+
+MAX_ID = 2**63 - 1
+
+
+class IdFilter(django_filters.NumberFilter):
+    """A whole-number id; anything else, or out of the database's range, is a 400, not a 500."""
+
+    field_class = forms.IntegerField
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("min_value", 1)
+        kwargs.setdefault("max_value", MAX_ID)
+        super().__init__(*args, **kwargs)
+
+
+class StrictBooleanField(forms.Field):
+    """true/false (or 1/0, yes/no); anything else is an error rather than silently no filter."""
+
+    def to_python(self, value: Any) -> bool | None:
+        if value in (None, ""):
+            return None
+        lowered = str(value).strip().lower()
+        if lowered in {"true", "1", "yes", "on"}:
+            return True
+        if lowered in {"false", "0", "no", "off"}:
+            return False
+        raise forms.ValidationError(f"{value!r} is not a boolean (use true or false)")
+
+
+class BooleanFilter(django_filters.BooleanFilter):
+    field_class = StrictBooleanField
 
 
 class JobFilter(django_filters.FilterSet):
     job_type = django_filters.CharFilter(help_text="Only jobs of this type.")
-    enabled = django_filters.BooleanFilter()
+    enabled = BooleanFilter(help_text="true or false.")
     last_run_status = django_filters.ChoiceFilter(choices=JobRun.Status.choices)
     next_run_after = django_filters.IsoDateTimeFilter(field_name="next_run_at", lookup_expr="gte")
     next_run_before = django_filters.IsoDateTimeFilter(field_name="next_run_at", lookup_expr="lt")
@@ -18,7 +58,7 @@ class JobFilter(django_filters.FilterSet):
 
 
 class JobRunFilter(django_filters.FilterSet):
-    job = django_filters.NumberFilter(field_name="job_id")
+    job = IdFilter(field_name="job_id", help_text="Only runs of this job id.")
     job_type = django_filters.CharFilter(field_name="job__job_type")
     status = django_filters.MultipleChoiceFilter(choices=JobRun.Status.choices)
     trigger = django_filters.ChoiceFilter(choices=JobRun.Trigger.choices)
@@ -30,3 +70,34 @@ class JobRunFilter(django_filters.FilterSet):
     class Meta:
         model = JobRun
         fields = ["job", "status", "trigger"]
+
+
+class SearchFilter(filters.SearchFilter):
+    """DRF's search filter, whose errors name the `search` parameter."""
+
+    def get_search_terms(self, request: Request) -> list[str]:
+        try:
+            return super().get_search_terms(request)
+        except ValidationError as exc:
+            raise ValidationError({self.search_param: exc.detail}) from exc
+
+
+class OrderingFilter(filters.OrderingFilter):
+    """DRF's ordering, with empty timestamps last in both directions and the id to break ties.
+
+    SQLite sorts NULL first and PostgreSQL last, so without this `?ordering=-next_run_at` would
+    answer differently on the two; the id tie-break keeps pages from repeating or losing rows.
+    """
+
+    def filter_queryset(self, request: Request, queryset: QuerySet[Any], view: Any) -> QuerySet[Any]:
+        ordering = self.get_ordering(request, queryset, view)
+        if not ordering:
+            return queryset
+        names = [name.lstrip("-") for name in ordering]
+        expressions = [
+            F(name[1:]).desc(nulls_last=True) if name.startswith("-") else F(name).asc(nulls_last=True)
+            for name in ordering
+        ]
+        if "id" not in names and "pk" not in names:
+            expressions.append(F("id").asc())
+        return queryset.order_by(*expressions)

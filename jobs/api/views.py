@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.shortcuts import get_object_or_404
 from django.utils import timezone
+from django_filters.rest_framework import DjangoFilterBackend
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import ValidationError
 from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.serializers import BaseSerializer
+from rest_framework.settings import api_settings
 from rest_framework.throttling import ScopedRateThrottle
 from rest_framework.views import APIView
 
@@ -21,7 +23,7 @@ from jobs.executors import all_executors
 from jobs.health import health_report
 from jobs.models import Job, JobRun
 
-from .filters import JobFilter, JobRunFilter
+from .filters import JobFilter, JobRunFilter, OrderingFilter
 from .serializers import (
     CronPreviewQuerySerializer,
     CronPreviewSerializer,
@@ -30,7 +32,22 @@ from .serializers import (
     JobTypeSerializer,
 )
 
-ID_PATTERN = r"[0-9]{1,18}"
+# Any run of digits: Django answers an out-of-range id with "does not exist", so a huge id is a
+# JSON 404 like any other unknown id rather than an HTML page from the URL resolver.
+ID_PATTERN = r"[0-9]+"
+RUN_ORDERING_FIELDS = ["id", "scheduled_for", "started_at", "finished_at"]
+RUN_ORDERING = ["-scheduled_for", "-id"]
+RUN_FILTER_BACKENDS = [DjangoFilterBackend, OrderingFilter]  # runs have no text to search
+
+
+class RunNowThrottle(ScopedRateThrottle):
+    """Throttle run-now per user at the `run_now` rate of DEFAULT_THROTTLE_RATES."""
+
+    @property  # type: ignore[override]
+    def THROTTLE_RATES(self) -> dict[str, str | None]:
+        # DRF copies the rates into a class attribute at import; read them per request instead,
+        # so a changed REST_FRAMEWORK setting applies without a restart of the test process.
+        return api_settings.DEFAULT_THROTTLE_RATES
 
 
 class JobViewSet(viewsets.ModelViewSet):
@@ -46,7 +63,7 @@ class JobViewSet(viewsets.ModelViewSet):
     throttle_scope = "run_now"
 
     def get_throttles(self) -> list[Any]:
-        return [ScopedRateThrottle()] if self.action == "run" else []
+        return [RunNowThrottle()] if self.action == "run" else []
 
     def perform_create(self, serializer: BaseSerializer) -> None:
         serializer.instance = services.job_create(**serializer.validated_data)
@@ -73,20 +90,21 @@ class JobViewSet(viewsets.ModelViewSet):
     def resume(self, request: Request, pk: str | None = None) -> Response:
         return Response(JobSerializer(services.job_resume(self.get_object())).data)
 
-    @extend_schema(
-        responses=JobRunSerializer(many=True),
-        parameters=[JobRunFilter],
-        filters=False,
-        summary="The job's runs, newest first",
+    @extend_schema(responses=JobRunSerializer(many=True), summary="The job's runs, newest first")
+    @action(
+        detail=True,
+        methods=["get"],
+        # The action lists runs: reading them needs the run view permission, as /runs does.
+        queryset=JobRun.objects.select_related("job", "worker"),
+        serializer_class=JobRunSerializer,
+        filterset_class=JobRunFilter,
+        ordering_fields=RUN_ORDERING_FIELDS,
+        ordering=RUN_ORDERING,
+        filter_backends=RUN_FILTER_BACKENDS,
     )
-    @action(detail=True, methods=["get"], filter_backends=[])
     def runs(self, request: Request, pk: str | None = None) -> Response:
-        job = self.get_object()
-        runs = JobRun.objects.filter(job=job).select_related("job", "worker").order_by("-scheduled_for", "-id")
-        filterset = JobRunFilter(request.query_params, queryset=runs, request=request)
-        if not filterset.is_valid():
-            raise ValidationError(filterset.errors)
-        page = self.paginate_queryset(filterset.qs)
+        job = get_object_or_404(Job.objects.all(), pk=pk)
+        page = self.paginate_queryset(self.filter_queryset(self.get_queryset().filter(job=job)))
         return self.get_paginated_response(JobRunSerializer(page, many=True).data)
 
 
@@ -96,8 +114,9 @@ class JobRunViewSet(viewsets.ReadOnlyModelViewSet):
     queryset = JobRun.objects.select_related("job", "worker")
     serializer_class = JobRunSerializer
     filterset_class = JobRunFilter
-    ordering_fields = ["id", "scheduled_for", "started_at", "finished_at"]
-    ordering = ["-scheduled_for", "-id"]
+    filter_backends = RUN_FILTER_BACKENDS
+    ordering_fields = RUN_ORDERING_FIELDS
+    ordering = RUN_ORDERING
     lookup_value_regex = ID_PATTERN
 
 

@@ -1,0 +1,226 @@
+"""Settings from the environment and .env: bad values stop start-up with one line; SQLite is tuned."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from django.db import connection, transaction
+
+from jobs.models import Job
+
+BASE_DIR = Path(__file__).resolve().parents[2]
+MANAGE = str(BASE_DIR / "manage.py")
+
+
+def environment(tmp_path: Path, **values: str | None) -> dict[str, str]:
+    """A clean environment for a child process: nothing from this test run's settings leaks in."""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp_path),
+        "LANG": "C.UTF-8",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "ENV_FILE": os.devnull,
+        "SECRET_KEY": "settings-test-secret",
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
+        "SECURE_SSL_REDIRECT": "false",
+    }
+    for name, value in values.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    return env
+
+
+def manage(tmp_path: Path, *args: str, **values: str | None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, MANAGE, *args],
+        env=environment(tmp_path, **values),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def print_settings(tmp_path: Path, expression: str, **values: str | None) -> str:
+    result = manage(
+        tmp_path, "shell", "--no-imports", "-c", f"from django.conf import settings as s; print({expression})", **values
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+BAD_VALUES = [
+    ({"MAX_CONCURRENT_JOBS": "abc"}, "MAX_CONCURRENT_JOBS", "'abc' is not a whole number"),
+    ({"MAX_CONCURRENT_JOBS": "0"}, "MAX_CONCURRENT_JOBS", "below the minimum of 1"),
+    ({"DATABASE_URL": "nonsense://x"}, "DATABASE_URL", "'nonsense://x' is not a valid database URL"),
+    ({"DATABASE_URL": "postgres://u@db.example.com:port/x"}, "DATABASE_URL", "not a valid database URL"),
+    ({"DEBUG": "maybe"}, "DEBUG", "'maybe' is not a boolean"),
+    ({"TIME_ZONE": "Mars/Olympus"}, "TIME_ZONE", "'Mars/Olympus' is not an IANA time zone"),
+    ({"SECRET_KEY": None, "DEBUG": "false"}, "SECRET_KEY", "required when DEBUG is false"),
+    ({"SECRET_KEY": "", "DEBUG": None}, "SECRET_KEY", "required when DEBUG is false"),
+    ({"EMAIL_PORT": "x"}, "EMAIL_PORT", "'x' is not a whole number"),
+    ({"EMAIL_PORT": "70000"}, "EMAIL_PORT", "above the maximum of 65535"),
+    ({"EMAIL_URL": "nonsense"}, "EMAIL_URL", "not a valid email URL"),
+    ({"EMAIL_USE_TLS": "true", "EMAIL_USE_SSL": "true"}, "EMAIL_USE_TLS", "cannot be true together"),
+    ({"LOG_FORMAT": "xml"}, "LOG_FORMAT", "'xml' is not one of text, json"),
+    ({"LOG_LEVEL": "loud"}, "LOG_LEVEL", "'loud' is not one of"),
+    ({"RUN_NOW_THROTTLE": "often"}, "RUN_NOW_THROTTLE", "'often' is not a valid rate"),
+]
+
+
+@pytest.mark.parametrize(
+    ("values", "name", "message"), BAD_VALUES, ids=[case[1] + ":" + str(case[0]) for case in BAD_VALUES]
+)
+def test_bad_value_stops_start_up_with_one_line(
+    tmp_path: Path, values: dict[str, str | None], name: str, message: str
+) -> None:
+    result = manage(tmp_path, "check", **values)
+
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"configuration error: {name}: ")
+    assert message in lines[0]
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_password_in_a_bad_url_is_not_printed(tmp_path: Path) -> None:
+    result = manage(tmp_path, "check", DATABASE_URL="postgres://app:hunter2@db.example.com:port/x")
+
+    assert result.returncode == 2
+    assert "hunter2" not in result.stderr
+    assert "app:***@db.example.com" in result.stderr
+
+
+def test_wsgi_entry_point_stops_the_same_way(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", "import scheduler_project.wsgi"],
+        env={**environment(tmp_path, DEBUG="maybe"), "PYTHONPATH": str(BASE_DIR)},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == ["configuration error: DEBUG: 'maybe' is not a boolean (use true or false)"]
+
+
+def test_good_values_pass_the_checks(tmp_path: Path) -> None:
+    result = manage(
+        tmp_path,
+        "check",
+        MAX_CONCURRENT_JOBS="12",
+        TIME_ZONE="Europe/Berlin",
+        EMAIL_URL="submission://mailer:pw@smtp.example.com",
+        LOG_FORMAT="JSON",
+        RUN_NOW_THROTTLE="5/hour",
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert "System check identified no issues" in result.stdout
+
+
+def test_debug_needs_no_secret_key(tmp_path: Path) -> None:
+    assert manage(tmp_path, "check", SECRET_KEY=None, DEBUG="true").returncode == 0
+
+
+def test_values_are_read(tmp_path: Path) -> None:
+    printed = print_settings(
+        tmp_path,
+        "s.JOBS['MAX_CONCURRENT_JOBS'], s.TIME_ZONE, s.LOG_FORMAT, s.EMAIL_HOST, s.EMAIL_PORT, s.EMAIL_USE_TLS, "
+        "s.REST_FRAMEWORK['DEFAULT_THROTTLE_RATES']['run_now']",
+        MAX_CONCURRENT_JOBS="12",
+        TIME_ZONE="Europe/Berlin",
+        LOG_FORMAT="JSON",
+        EMAIL_URL="submission://mailer:pw@smtp.example.com",
+        RUN_NOW_THROTTLE="5/hour",
+    )
+
+    assert printed == "12 Europe/Berlin json smtp.example.com 587 True 5/hour"
+
+
+def test_defaults(tmp_path: Path) -> None:
+    printed = print_settings(
+        tmp_path, "s.DEBUG, s.JOBS['MAX_CONCURRENT_JOBS'], s.TIME_ZONE, s.LOG_FORMAT, s.EMAIL_BACKEND"
+    )
+
+    assert printed == "False 5 UTC text django.core.mail.backends.console.EmailBackend"
+
+
+def test_dotenv_file_is_read_but_the_environment_wins(tmp_path: Path) -> None:
+    dotenv = tmp_path / "settings.env"
+    dotenv.write_text(
+        "# a comment\nMAX_CONCURRENT_JOBS=7\nTIME_ZONE=Europe/Berlin\nLOG_FORMAT=json\nSECRET_KEY=from-dotenv\n"
+    )
+
+    printed = print_settings(
+        tmp_path,
+        "s.JOBS['MAX_CONCURRENT_JOBS'], s.TIME_ZONE, s.LOG_FORMAT, s.SECRET_KEY",
+        ENV_FILE=str(dotenv),
+        TIME_ZONE="Asia/Tokyo",
+        SECRET_KEY=None,
+    )
+
+    assert printed == "7 Asia/Tokyo json from-dotenv"
+
+
+def test_bad_value_in_dotenv_file_is_named(tmp_path: Path) -> None:
+    dotenv = tmp_path / "settings.env"
+    dotenv.write_text("MAX_CONCURRENT_JOBS=lots\n")
+
+    result = manage(tmp_path, "check", ENV_FILE=str(dotenv))
+
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == ["configuration error: MAX_CONCURRENT_JOBS: 'lots' is not a whole number"]
+
+
+def test_missing_dotenv_file_is_fine(tmp_path: Path) -> None:
+    assert manage(tmp_path, "check", ENV_FILE=str(tmp_path / "absent.env")).returncode == 0
+
+
+@pytest.mark.sqlite
+def test_sqlite_uses_wal_and_a_busy_timeout(tmp_path: Path) -> None:
+    database = tmp_path / "fresh.sqlite3"
+
+    printed = print_settings(
+        tmp_path,
+        "*[__import__('django.db').db.connection.cursor().execute(f'PRAGMA {p}').fetchone()[0] "
+        "for p in ('journal_mode', 'busy_timeout', 'synchronous')]",
+        DATABASE_URL=f"sqlite:///{database}",
+    )
+
+    assert printed == "wal 20000 1"  # synchronous=NORMAL
+    # WAL is a property of the file: any later connection, even a plain one, sees it.
+    with sqlite3.connect(database) as plain:
+        assert plain.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+@pytest.mark.sqlite
+@pytest.mark.django_db(transaction=True)
+def test_sqlite_takes_the_write_lock_when_a_transaction_starts() -> None:
+    with connection.cursor() as cursor:
+        assert cursor.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert cursor.execute("PRAGMA busy_timeout").fetchone()[0] == 20000
+    other = sqlite3.connect(connection.settings_dict["NAME"], timeout=0, isolation_level=None)
+    try:
+        with transaction.atomic():
+            # BEGIN IMMEDIATE: the lock is held before the first write, so two writers queue on
+            # the busy timeout instead of one failing with "database is locked" mid-transaction.
+            Job.objects.count()
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                other.execute("BEGIN IMMEDIATE")
+            # Readers are never blocked in WAL mode.
+            assert other.execute("SELECT count(*) FROM jobs_job").fetchone()[0] == 0
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
