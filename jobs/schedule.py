@@ -118,6 +118,19 @@ def _check_item(field: _Field, item: str) -> str:
     return text + (f"/{step}" if step else "")
 
 
+def _check_list(field: _Field, part: str, items: list[str]) -> None:
+    """Refuse lists croniter cannot combine, naming the field rather than leaving croniter's message."""
+    if len(items) < 2:
+        return
+    if field is _DOM and any(item.endswith("W") for item in items):
+        raise CronError(f"{field.name}: {part!r} uses 'W', which takes a single day, not a list")
+    if field is _DOW:
+        special = [item for item in items if item.startswith("L") or "#" in item]
+        # croniter refuses some mixes and silently drops the plain day from others ("1,1#2").
+        if special and len(special) < len(items):
+            raise CronError(f"{field.name}: {part!r} mixes plain days with 'L' or '#' days; use one kind")
+
+
 @lru_cache(maxsize=4096)
 def parse(expression: str) -> Cron:
     """Validate an expression and return its parsed form; raise CronError naming the field."""
@@ -143,7 +156,9 @@ def parse(expression: str) -> Cron:
         )
     converted = []
     for field, part in zip(fields, parts, strict=True):
-        converted.append(",".join(_check_item(field, item) for item in part.split(",")))
+        items = [_check_item(field, item) for item in part.split(",")]
+        _check_list(field, part, items)
+        converted.append(",".join(items))
     has_seconds = len(parts) == 6
     time_fields = parts[: 3 if has_seconds else 2]
     cron = Cron(
@@ -219,7 +234,7 @@ def _first_instant_after(cron: Cron, tz: zoneinfo.ZoneInfo, start: datetime, aft
     while True:
         try:
             wall = iterator.get_next(datetime)
-        except CroniterBadDateError:
+        except (CroniterBadDateError, OverflowError, ValueError):  # no match, or past year 9999
             return None
         later = [instant for instant in _instants(wall, tz, cron.fixed_time) if instant > after]
         if later:
@@ -235,7 +250,13 @@ def next_fire_after(expression: str, timezone: str, after: datetime) -> datetime
         raise ValueError("after must be timezone-aware")
     cron = parse(expression)
     tz = zone(timezone)
-    after = after.astimezone(UTC)
+    try:
+        return _next_instant(cron, tz, after.astimezone(UTC))
+    except OverflowError:  # the instant or its next fire lies beyond year 9999, where datetime ends
+        return None
+
+
+def _next_instant(cron: Cron, tz: zoneinfo.ZoneInfo, after: datetime) -> datetime | None:
     local = after.astimezone(tz)
     wall = local.replace(tzinfo=None, fold=0)
     # croniter only returns times strictly after its start, at whole seconds.
