@@ -144,16 +144,24 @@ def scan_plans(vendor: str) -> dict[str, str]:
 
 
 def pg_counters() -> dict[str, int]:
+    """Cumulative activity counters of this database and of the jobs tables (pg_stat_*)."""
     from django.db import connection
 
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_stat_clear_snapshot()")
         cursor.execute(
-            "SELECT xact_commit, tup_returned, tup_fetched, blks_hit + blks_read "
-            "FROM pg_stat_database WHERE datname = current_database()"
+            "SELECT xact_commit, tup_returned, tup_fetched FROM pg_stat_database WHERE datname = current_database()"
         )
-        row = cursor.fetchone()
-    return dict(zip(("transactions", "rows_returned", "rows_fetched", "blocks"), row, strict=True))
+        counters = dict(zip(("transactions", "rows_returned", "rows_fetched"), cursor.fetchone(), strict=True))
+        cursor.execute(
+            "SELECT relname, seq_scan, seq_tup_read, COALESCE(idx_scan, 0), COALESCE(idx_tup_fetch, 0) "
+            "FROM pg_stat_user_tables WHERE relname IN ('jobs_job', 'jobs_jobrun')"
+        )
+        names = ("seq_scans", "seq_rows_read", "index_scans", "index_rows_fetched")
+        for table, *values in cursor.fetchall():
+            for name, value in zip(names, values, strict=True):
+                counters[f"{table}.{name}"] = value
+    return counters
 
 
 def measure(args: argparse.Namespace, env: dict[str, str], vendor: str, jobs: int) -> dict[str, Any]:
