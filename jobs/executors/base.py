@@ -7,11 +7,15 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from rest_framework import serializers
 
 if TYPE_CHECKING:
-    from jobs.models import JobRun
+    from jobs.models import Job, JobRun
 
 
 class ExecutorError(Exception):
     """A run failed for a reason the executor understands; the message is shown to people."""
+
+
+class RegistryError(Exception):
+    """A configured job type or data processor cannot be loaded."""
 
 
 class Executor:
@@ -38,6 +42,10 @@ class Executor:
             raise serializers.ValidationError("must be a JSON object")
         serializer = self.parameters_serializer(data=parameters)
         serializer.is_valid(raise_exception=True)
+        unknown = sorted(set(parameters) - set(serializer.fields))
+        if unknown:
+            # A misspelt optional parameter would otherwise be dropped without a word.
+            raise serializers.ValidationError(dict.fromkeys(unknown, "unknown parameter for this job type"))
         return dict(serializer.validated_data)
 
     def parameters_schema(self) -> dict[str, Any]:
@@ -49,6 +57,10 @@ class Executor:
     def parameters_for(self, run: JobRun) -> dict[str, Any]:
         """Return the run's job parameters, validated again in case code changed since saving."""
         return self.validate_parameters(run.job.parameters)
+
+    def is_safe_to_repeat(self, job: Job) -> bool:
+        """Whether a run of `job` lost in a crash may be run again (types may decide per job)."""
+        return self.safe_to_repeat
 
     def execute(self, run: JobRun) -> Any:
         """Do the job's work for `run` and return its result."""

@@ -7,22 +7,28 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from django.core.signals import setting_changed
 from django.dispatch import receiver
-from django.utils.module_loading import import_string
 from rest_framework import serializers
 
-from .base import Executor
+from .base import Executor, RegistryError
 
 if TYPE_CHECKING:
-    from jobs.models import JobRun
+    from jobs.models import Job, JobRun
 
-BUILTIN_PROCESSORS: list[str] = []
+# The processors this project ships; apps add theirs with JOBS["DATA_PROCESSORS"].
+BUILTIN_PROCESSORS: list[str] = [
+    "jobs.processors.database_backup.DatabaseBackup",
+    "jobs.processors.model_export.ModelExport",
+]
 
 
 class DataProcessor:
     """Work on data that an app registers under a dataset name.
 
     Subclasses set `name` (the `dataset` value), `description` and `parameters_serializer`
-    (for the job's other parameters), and implement `process`, which returns a JSON result.
+    (for the job's other parameters), and implement `process(run, params)`, which gets the
+    validated parameters (without `dataset`) and returns a JSON-serialisable result. Raise
+    ExecutorError for failures people should read. Set `safe_to_repeat = False` when running
+    twice for one fire would do harm.
     """
 
     name: ClassVar[str]
@@ -36,17 +42,20 @@ class DataProcessor:
 
 @cache
 def all_processors() -> dict[str, DataProcessor]:
-    """Return every registered data processor by dataset name."""
+    """Return every registered data processor by dataset name; raise RegistryError when one is broken."""
     from jobs.conf import get
 
+    from . import _instantiate, load_class
+
+    paths = get("DATA_PROCESSORS")
+    if isinstance(paths, str) or not isinstance(paths, (list, tuple)):
+        raise RegistryError("JOBS['DATA_PROCESSORS'] must be a list of dotted paths")
     registry: dict[str, DataProcessor] = {}
-    for path in [*BUILTIN_PROCESSORS, *get("DATA_PROCESSORS")]:
-        cls = import_string(path)
-        if not (isinstance(cls, type) and issubclass(cls, DataProcessor)) or not getattr(cls, "name", ""):
-            raise TypeError(f"{path!r} is not a named subclass of DataProcessor")
+    for path in [*BUILTIN_PROCESSORS, *paths]:
+        cls = load_class(path, DataProcessor, "process", "data processor")
         if cls.name in registry:
-            raise TypeError(f"{path!r} reuses the dataset name {cls.name!r}")
-        registry[cls.name] = cls()
+            raise RegistryError(f"{path!r} reuses the dataset name {cls.name!r}")
+        registry[cls.name] = _instantiate(cls, path)
     return registry
 
 
@@ -57,7 +66,7 @@ def _reset(setting: str, **kwargs: object) -> None:
 
 
 class DataProcessingParameters(serializers.Serializer):
-    dataset = serializers.CharField(help_text="Name of a registered data processor.")
+    dataset = serializers.CharField(help_text="Name of a registered data processor; see GET /job-types.")
 
     def validate_dataset(self, value: str) -> str:
         known = sorted(all_processors())
@@ -71,20 +80,29 @@ class DataProcessingParameters(serializers.Serializer):
 class DataProcessingExecutor(Executor):
     name = "data_processing"
     label = "Data processing"
-    description = "Run a registered data processor (see `dataset`); each validates its own parameters."
+    description = (
+        "Run a registered data processor (see `dataset`): database backups, model exports, or your own; "
+        "each validates its own parameters."
+    )
     parameters_serializer = DataProcessingParameters
     safe_to_repeat = True
 
     def validate_parameters(self, parameters: Any) -> dict[str, Any]:
-        cleaned = super().validate_parameters(parameters)
-        processor = all_processors()[cleaned["dataset"]]
+        if parameters is None:
+            parameters = {}
+        if not isinstance(parameters, dict):
+            raise serializers.ValidationError("must be a JSON object")
+        chooser = DataProcessingParameters(data={key: parameters[key] for key in ("dataset",) if key in parameters})
+        chooser.is_valid(raise_exception=True)
+        dataset = chooser.validated_data["dataset"]
+        processor = all_processors()[dataset]
         extra = {key: value for key, value in parameters.items() if key != "dataset"}
         serializer = processor.parameters_serializer(data=extra)
         serializer.is_valid(raise_exception=True)
         unknown = sorted(set(extra) - set(serializer.fields))
         if unknown:
-            raise serializers.ValidationError(dict.fromkeys(unknown, "unknown parameter for this dataset"))
-        return {"dataset": cleaned["dataset"], **serializer.validated_data}
+            raise serializers.ValidationError(dict.fromkeys(unknown, f"unknown parameter for dataset {dataset!r}"))
+        return {"dataset": dataset, **serializer.validated_data}
 
     def parameters_schema(self) -> dict[str, Any]:
         from jobs.json_schema import serializer_schema
@@ -101,6 +119,11 @@ class DataProcessingExecutor(Executor):
         return (
             {"type": "object", "required": ["dataset"], "oneOf": variants} if variants else super().parameters_schema()
         )
+
+    def is_safe_to_repeat(self, job: Job) -> bool:
+        dataset = job.parameters.get("dataset") if isinstance(job.parameters, dict) else None
+        processor = all_processors().get(dataset) if isinstance(dataset, str) else None
+        return processor.safe_to_repeat if processor is not None else False
 
     def execute(self, run: JobRun) -> Any:
         params = self.parameters_for(run)
