@@ -1,7 +1,7 @@
 from django.urls import path
 from rest_framework.routers import SimpleRouter
 
-from .views import CronPreviewView, HealthView, JobRunViewSet, JobTypesView, JobViewSet
+from .views import CronPreviewView, HealthView, JobRunViewSet, JobTypesView, JobViewSet, MetricsView
 
 router = SimpleRouter()
 router.trailing_slash = "/?"  # the seed calls /jobs and /jobs/1; /jobs/ works too
@@ -15,5 +15,7 @@ urlpatterns = [
     path("cron/preview/", CronPreviewView.as_view()),
     path("health", HealthView.as_view(), name="health"),
     path("health/", HealthView.as_view()),
+    path("metrics", MetricsView.as_view(), name="metrics"),
+    path("metrics/", MetricsView.as_view()),
     *router.urls,
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.http import HttpResponse
 from django.shortcuts import get_object_or_404
 from django.utils import timezone
 from django_filters.rest_framework import DjangoFilterBackend
@@ -18,7 +19,7 @@ from rest_framework.settings import api_settings
 from rest_framework.throttling import ScopedRateThrottle
 from rest_framework.views import APIView
 
-from jobs import schedule, services
+from jobs import metrics, schedule, services
 from jobs.executors import all_executors
 from jobs.health import health_report
 from jobs.models import Job, JobRun
@@ -181,3 +182,14 @@ class HealthView(APIView):
         require_scheduler = request.query_params.get("scheduler", "true").lower() != "false"
         report = health_report(require_scheduler=require_scheduler)
         return Response(report, status=200 if report["status"] == "ok" else 503)
+
+
+class MetricsView(APIView):
+    """Prometheus metrics: runs by type and status, durations, start lateness, queue depth."""
+
+    queryset = JobRun.objects.none()  # needs the view_jobrun permission
+
+    @extend_schema(responses={(200, "text/plain"): str}, summary="Prometheus metrics")
+    def get(self, request: Request) -> HttpResponse:
+        body, content_type = metrics.render()
+        return HttpResponse(body, content_type=content_type)

@@ -195,7 +195,7 @@ def recover_lost_runs(*, now: datetime, lost_after: float) -> list[JobRun]:
             run.finished_at = now
             run.error = f"lost: {holder} stopped before the run finished (no heartbeat since {stale_before:%H:%M:%S})"
             try:
-                safe = get_executor(run.job.job_type).safe_to_repeat
+                safe = get_executor(run.job.job_type).is_safe_to_repeat(run.job)
             except UnknownJobType:
                 safe = False
             if safe and run.attempt <= max(run.job.max_retries, 1):

@@ -73,4 +73,3 @@ class HangExecutor(Executor):
 
     def execute(self, run: Any) -> None:
         time.sleep(3600)
-

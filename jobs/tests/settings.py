@@ -1,7 +1,7 @@
 """Settings for the test suite and the scheduler processes it starts: the app's own, plus test job types."""
 
 from scheduler_project.settings import *  # noqa: F403
-from scheduler_project.settings import JOBS
+from scheduler_project.settings import JOBS, STORAGES
 
 TEST_EXECUTORS = [
     "jobs.tests.job_types.NoopExecutor",
@@ -12,3 +12,6 @@ TEST_EXECUTORS = [
     "jobs.tests.job_types.HangExecutor",
 ]
 JOBS = {**JOBS, "EXECUTORS": [*JOBS.get("EXECUTORS", []), *TEST_EXECUTORS]}
+
+# Tests render admin and docs pages without running collectstatic first.
+STORAGES = {**STORAGES, "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}}

@@ -181,7 +181,7 @@ def test_unknown_dataset_is_refused_with_the_known_ones(
     assert response.status_code == 400
     message = response.json()["parameters"]["dataset"][0]
     assert "user_events" in message
-    assert "known datasets: row_count" in message
+    assert "known datasets:" in message and "row_count" in message and "database_backup" in message
     assert Job.objects.count() == 0
 
 

@@ -1,0 +1,89 @@
+"""Prometheus metrics for /metrics, read from the database at scrape time.
+
+Schedulers run in their own processes (often on other machines), so the web process reports
+what the shared database knows rather than in-memory counters of one process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+
+from django.db.models import Count, F
+from django.utils import timezone
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .conf import get
+from .models import Job, JobRun, SchedulerProcess
+
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0)
+# Histograms cover the runs of the last hour, at most this many.
+WINDOW = timedelta(hours=1)
+MAX_SAMPLES = 20_000
+
+
+def _histogram(name: str, documentation: str, samples: dict[str, list[float]]) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, documentation, labels=["job_type"])
+    for job_type, values in sorted(samples.items()):
+        buckets = [(str(bound), float(sum(1 for value in values if value <= bound))) for bound in BUCKETS]
+        buckets.append(("+Inf", float(len(values))))
+        family.add_metric([job_type], buckets, sum_value=sum(values))
+    return family
+
+
+class SchedulerCollector(Collector):
+    def __init__(self, now: datetime | None = None) -> None:
+        self.now = now
+
+    def collect(self) -> Iterator[Metric]:
+        now = self.now or timezone.now()
+        runs = CounterMetricFamily(
+            "scheduler_runs", "Runs in the retained history, by job type and status.", labels=["job_type", "status"]
+        )
+        for row in JobRun.objects.values("job__job_type", "status").annotate(total=Count("id")).order_by():
+            runs.add_metric([row["job__job_type"], row["status"]], row["total"])
+        yield runs
+
+        recent = (
+            JobRun.objects.filter(started_at__gte=now - WINDOW)
+            .annotate(job_type=F("job__job_type"))
+            .values_list("job_type", "scheduled_for", "started_at", "finished_at")
+            .order_by("-started_at")[:MAX_SAMPLES]
+        )
+        durations: dict[str, list[float]] = {}
+        lateness: dict[str, list[float]] = {}
+        for job_type, scheduled_for, started_at, finished_at in recent:
+            lateness.setdefault(job_type, []).append(max(0.0, (started_at - scheduled_for).total_seconds()))
+            if finished_at is not None:
+                durations.setdefault(job_type, []).append((finished_at - started_at).total_seconds())
+        yield _histogram("scheduler_run_duration_seconds", "Run durations over the last hour.", durations)
+        yield _histogram("scheduler_run_start_lateness_seconds", "Start minus fire time, last hour.", lateness)
+
+        queue = GaugeMetricFamily("scheduler_queue_depth", "Queued runs whose start time has come.")
+        queue.add_metric([], JobRun.objects.ready(now).count())
+        yield queue
+        running = GaugeMetricFamily("scheduler_runs_running", "Runs executing now.")
+        running.add_metric([], JobRun.objects.running().count())
+        yield running
+        jobs = GaugeMetricFamily("scheduler_jobs", "Jobs, by enabled flag.", labels=["enabled"])
+        for row in Job.objects.values("enabled").annotate(total=Count("id")).order_by():
+            jobs.add_metric([str(row["enabled"]).lower()], row["total"])
+        yield jobs
+        alive = GaugeMetricFamily("scheduler_processes_alive", "Scheduler processes with a fresh heartbeat.")
+        alive.add_metric(
+            [],
+            SchedulerProcess.objects.filter(
+                stopped_at__isnull=True, last_heartbeat_at__gte=now - timedelta(seconds=get("LOST_AFTER_SECONDS"))
+            ).count(),
+        )
+        yield alive
+
+
+def render(now: datetime | None = None) -> tuple[bytes, str]:
+    """Return the metrics page and its content type."""
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SchedulerCollector(now))
+    return generate_latest(registry), CONTENT_TYPE_LATEST
