@@ -1,4 +1,4 @@
-"""A job type from another app: write a message to the log (the worked example in docs/job-types.md)."""
+"""A job type from another app: write a message to the log (the worked example in the README)."""
 
 from __future__ import annotations
 

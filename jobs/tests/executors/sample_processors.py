@@ -1,4 +1,4 @@
-"""A data processor from another app: the commonest words in job names (the example in docs/job-types.md)."""
+"""A data processor from another app: the commonest words in job names (the example in the README)."""
 
 from __future__ import annotations
 

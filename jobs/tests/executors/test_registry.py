@@ -24,7 +24,7 @@ from jobs.models import Job, JobRun
 BROKEN = "jobs.tests.executors.broken_types"
 SAMPLE_EXECUTOR = "jobs.tests.executors.sample_executor.LogMessageExecutor"
 HERE = Path(__file__).parent
-DOCS = Path(settings.BASE_DIR) / "docs" / "job-types.md"
+DOCS = Path(settings.BASE_DIR) / "README.md"
 
 
 def jobs_settings(**overrides: Any) -> override_settings:
@@ -103,7 +103,7 @@ def test_a_job_type_from_settings_is_created_listed_and_run(
     assert logged == [("WARNING", f"still alive (job {run.job_id})")]
 
 
-# --- docs/job-types.md -------------------------------------------------------------------------
+# --- README.md job types -------------------------------------------------------------------------
 
 
 def code_blocks(language: str) -> list[str]:
