@@ -8,7 +8,7 @@ from typing import Any
 from django.core import checks
 
 
-@checks.register()
+@checks.register("jobs")
 def check_executors(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     from .executors import RegistryError, all_executors
 
@@ -25,7 +25,7 @@ def check_executors(app_configs: Any = None, **kwargs: Any) -> list[checks.Check
     return errors
 
 
-@checks.register()
+@checks.register("jobs")
 def check_processors(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     from .executors import RegistryError
     from .executors.data_processing import all_processors
@@ -45,7 +45,7 @@ def check_processors(app_configs: Any = None, **kwargs: Any) -> list[checks.Chec
     return errors
 
 
-@checks.register()
+@checks.register("jobs")
 def check_http_allowlist(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     from .conf import get
     from .executors.http_request import Allowlist
@@ -63,7 +63,7 @@ def check_http_allowlist(app_configs: Any = None, **kwargs: Any) -> list[checks.
     return []
 
 
-@checks.register()
+@checks.register("jobs")
 def check_output_dirs(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     from .conf import get
 

@@ -248,10 +248,16 @@ def next_fire_after(expression: str, timezone: str, after: datetime) -> datetime
     """
     if after.tzinfo is None:
         raise ValueError("after must be timezone-aware")
-    cron = parse(expression)
-    tz = zone(timezone)
+    parse(expression)
+    zone(timezone)
+    return _cached_next_fire(expression, timezone, after.astimezone(UTC))
+
+
+# Many jobs share a schedule and fire together; a burst of them costs one computation.
+@lru_cache(maxsize=16384)
+def _cached_next_fire(expression: str, timezone: str, after: datetime) -> datetime | None:
     try:
-        return _next_instant(cron, tz, after.astimezone(UTC))
+        return _next_instant(parse(expression), zone(timezone), after)
     except OverflowError:  # the instant or its next fire lies beyond year 9999, where datetime ends
         return None
 

@@ -45,9 +45,9 @@ class _Inflight:
 class _Listener(threading.Thread):
     """Wake the engine when PostgreSQL delivers a NOTIFY on the scheduler channel."""
 
-    def __init__(self, wake: threading.Event) -> None:
+    def __init__(self, on_notify: Callable[[], None]) -> None:
         super().__init__(name="scheduler-listen", daemon=True)
-        self._wake = wake
+        self._on_notify = on_notify
         self._stop_event = threading.Event()
 
     def stop(self) -> None:
@@ -70,7 +70,7 @@ class _Listener(threading.Thread):
                         raw.poll()
                         if raw.notifies:
                             raw.notifies.clear()
-                            self._wake.set()
+                            self._on_notify()
             except Exception:  # noqa: BLE001 - keep listening through database restarts
                 logger.warning("LISTEN connection failed; retrying in 1s", exc_info=True)
                 self._stop_event.wait(1.0)
@@ -109,6 +109,11 @@ class Engine:
         self._next_heartbeat = 0.0
         self._next_prune = 0.0
         self._listener: _Listener | None = None
+        # What makes a pass look for due jobs and queued runs (rather than only record outcomes):
+        self._notified = False  # a NOTIFY said jobs or runs changed elsewhere
+        self._poll_at = 0.0  # time.monotonic() of the next look regardless (SQLite has no NOTIFY)
+        self._check_at: datetime | None = None  # earliest known next fire or queued run
+        self._backlog = False  # the last claim filled every free slot, so more may be waiting
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -145,7 +150,7 @@ class Engine:
         """Run passes until stopped; return the process exit status."""
         self.register()
         if connection.vendor == "postgresql":
-            self._listener = _Listener(self._wake)
+            self._listener = _Listener(self._on_notify)
             self._listener.start()
         try:
             while True:
@@ -183,6 +188,10 @@ class Engine:
         """Mark this scheduler stopped (after run_once)."""
         self._shutdown()
 
+    def _on_notify(self) -> None:
+        self._notified = True
+        self._wake.set()
+
     def _grace_over(self) -> bool:
         return self._stop_requested_at is not None and time.monotonic() - self._stop_requested_at >= self.shutdown_grace
 
@@ -212,12 +221,28 @@ class Engine:
             self._heartbeat()
         if self._stopping:
             return
+        now = self.clock()
+        look = (
+            self._notified
+            or time.monotonic() >= self._poll_at
+            or (self._check_at is not None and now >= self._check_at)
+        )
+        if not look:
+            # Woken by a finished run: only claim, and only if runs may be waiting.
+            if self._backlog:
+                self._claim_and_start()
+            return
+        self._notified = False
+        self._poll_at = time.monotonic() + self.max_sleep
+        self._check_at = None
         queued = 0
         while True:
             report = claiming.fire_due_jobs(now=self.clock())
             queued += report.queued
             if report.jobs < 500:
                 break
+        if queued:
+            self._backlog = True
         self._claim_and_start()
         if queued > self.max_concurrent:
             # More work than this process can take right now: wake the others.
@@ -229,6 +254,7 @@ class Engine:
         if free <= 0:
             return
         runs = claiming.claim_runs(worker_id=self.process.pk, slots=free, now=self.clock())
+        self._backlog = len(runs) == free
         for run in runs:
             self._start(run)
 
@@ -300,6 +326,8 @@ class Engine:
                 },
             )
         sink.extend(accepted)
+        if any(outcome.status != "succeeded" for outcome in accepted):
+            self._check_at = None  # a retry may now be queued; look for it when it is due
 
     def _heartbeat(self) -> None:
         assert self.process is not None
@@ -312,7 +340,8 @@ class Engine:
             # Another scheduler presumed us dead and took our runs; carry on under a new identity.
             logger.error("scheduler %s was presumed dead by another scheduler; registering again", self.process)
             self.register()
-        claiming.recover_lost_runs(now=now, lost_after=self.lost_after)
+        if claiming.recover_lost_runs(now=now, lost_after=self.lost_after):
+            self._notified = True  # retries of lost runs may be waiting
         if time.monotonic() >= self._next_prune:
             self._next_prune = time.monotonic() + PRUNE_EVERY_SECONDS
             prune_runs(
@@ -326,11 +355,14 @@ class Engine:
             self._wake.wait(0.1)
             return
         now_mono = time.monotonic()
-        timeout = min(self.max_sleep, self._next_heartbeat - now_mono)
+        timeout = min(self._poll_at - now_mono, self._next_heartbeat - now_mono)
         if self._inflight:
             timeout = min(timeout, min(item.deadline for item in self._inflight.values()) - now_mono)
-        due = claiming.next_wakeup(include_queue=len(self._inflight) < self.max_concurrent)
-        if due is not None:
-            timeout = min(timeout, (due - self.clock()).total_seconds())
-        if timeout > 0:
-            self._wake.wait(timeout)
+        free = len(self._inflight) < self.max_concurrent
+        if self._check_at is None:
+            # Once per look, not after every finished run.
+            self._check_at = claiming.next_wakeup(include_queue=free and not self._backlog)
+        if self._check_at is not None:
+            timeout = min(timeout, (self._check_at - self.clock()).total_seconds())
+        # A floor, so a due row locked by another scheduler cannot make this loop spin.
+        self._wake.wait(max(timeout, 0.002))
