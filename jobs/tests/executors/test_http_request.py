@@ -621,3 +621,33 @@ def test_https_refuses_a_certificate_for_another_name(tls_server: LocalServer, m
     with pytest.raises(HttpRequestError, match="CERTIFICATE_VERIFY_FAILED|SSLCertVerificationError"):
         call(make_run, method="GET", url=tls_server.url(host="wrong.test", scheme="https"))
     assert tls_server.seen == []
+
+
+def test_a_5xx_answer_is_retried_by_the_scheduler_with_the_same_idempotency_key(local: LocalServer) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from jobs import services
+    from jobs.models import JobRun
+    from jobs.scheduler.engine import Engine
+
+    now = timezone.now()
+    job = services.job_create(
+        name="hook",
+        cron_expression="0 0 1 1 *",
+        job_type="http_request",
+        parameters={"url": local.url("/status/503"), "method": "POST"},
+        max_retries=1,
+        retry_backoff_seconds=1,
+    )
+    services.job_trigger(job, now=now)
+    first = Engine(max_concurrent=1, clock=lambda: now, heartbeat_seconds=3600).run_once()
+    assert [outcome.status for outcome in first] == ["failed"]
+    retry = JobRun.objects.get(job=job, attempt=2)
+    assert (retry.status, retry.trigger) == ("queued", "retry")
+    later = now + timedelta(seconds=5)
+    second = Engine(max_concurrent=1, clock=lambda: later, heartbeat_seconds=3600).run_once()
+    assert [(outcome.run.attempt, outcome.status) for outcome in second] == [(2, "failed")]
+    keys = [seen.headers["Idempotency-Key"] for seen in local.seen]
+    assert len(keys) == 2 and keys[0] == keys[1]
