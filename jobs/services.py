@@ -16,6 +16,7 @@ from .models import Job, JobRun
 from .scheduler.notify import notify_schedulers
 
 SCHEDULE_FIELDS = frozenset({"cron_expression", "timezone", "enabled"})
+SCHEDULER_OWNED = frozenset({"id", "last_run_at", "last_run_status", "created_at"})
 MAX_PARAMETERS_BYTES = 64 * 1024
 MAX_PARAMETERS_DEPTH = 32
 
@@ -136,7 +137,8 @@ def job_update(job: Job, *, now: datetime | None = None, **fields: Any) -> Job:
         else:
             # The scheduler may have advanced it since this copy was read.
             job.next_run_at = current["next_run_at"]
-        job.save()
+        # The scheduler owns last_run_*; a copy read before a run ended must not undo them.
+        job.save(update_fields=[f.name for f in Job._meta.concrete_fields if f.name not in SCHEDULER_OWNED])
         transaction.on_commit(notify_schedulers)
     return job
 

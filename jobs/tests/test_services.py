@@ -239,3 +239,16 @@ def test_delete_removes_runs(now: datetime) -> None:
     services.job_delete(job)
 
     assert (Job.objects.count(), JobRun.objects.count()) == (0, 0)
+
+
+@pytest.mark.django_db
+def test_update_from_a_stale_copy_keeps_the_last_run_the_scheduler_recorded() -> None:
+    from jobs.models import Job
+    from jobs.services import job_create, job_update
+
+    job = job_create(name="stale", cron_expression="0 9 * * *", job_type="test_noop")
+    stale = Job.objects.get(pk=job.pk)
+    Job.objects.filter(pk=job.pk).update(last_run_status="failed", last_run_at=job.created_at)
+    job_update(stale, name="renamed")
+    fresh = Job.objects.get(pk=job.pk)
+    assert (fresh.name, fresh.last_run_status, fresh.last_run_at) == ("renamed", "failed", job.created_at)
