@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 # A job that missed more fires than this (an every-second job after a long outage) has its
 # missed fires counted up to here, then its schedule jumps to the first fire after now.
 MAX_FIRES_COUNTED = 1000
+# Due jobs fired per transaction; a pass repeats until a batch comes back short.
+FIRE_BATCH = 500
 
 
 @dataclass
@@ -92,7 +94,7 @@ def _plan_runs(job: Job, fires: list[datetime], now: datetime, active: bool) -> 
     return rows
 
 
-def fire_due_jobs(*, now: datetime, limit: int = 500) -> FireReport:
+def fire_due_jobs(*, now: datetime, limit: int = FIRE_BATCH) -> FireReport:
     """Turn due jobs into runs and advance their next fire time, in one short transaction."""
     report = FireReport()
     with transaction.atomic():

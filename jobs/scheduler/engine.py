@@ -239,7 +239,7 @@ class Engine:
         while True:
             report = claiming.fire_due_jobs(now=self.clock())
             queued += report.queued
-            if report.jobs < 500:
+            if report.jobs < claiming.FIRE_BATCH:
                 break
         if queued:
             self._backlog = True
