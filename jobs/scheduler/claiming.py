@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
 
-from django.db import transaction
-from django.db.models import Q
+from django.db import connection, transaction
+from django.db.models import Exists, Model, OuterRef, Q
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
 
 from jobs import schedule
 from jobs.executors import UnknownJobType, get_executor
 from jobs.models import Job, JobRun, SchedulerProcess
 
 logger = logging.getLogger(__name__)
+ModelT = TypeVar("ModelT", bound=Model)
 
 # A job that missed more fires than this (an every-second job after a long outage) has its
 # missed fires counted up to here, then its schedule jumps to the first fire after now.
@@ -38,7 +42,18 @@ class FireReport:
     queued_job_ids: list[int] = field(default_factory=list)
 
 
-def _fires_until(job: Job, now: datetime) -> tuple[list[datetime], datetime | None]:
+@dataclass(slots=True)
+class _Planned:
+    """A run to insert for one fire: queued, or skipped with its reason."""
+
+    job_id: int
+    scheduled_for: datetime
+    status: str = JobRun.Status.QUEUED.value
+    missed_fires: int = 0
+    skip_reason: str = ""
+
+
+def _fires_until(job: Any, now: datetime) -> tuple[list[datetime], datetime | None]:
     """Return the job's fire times up to `now` (capped) and its next fire time after them."""
     fires: list[datetime] = []
     current = job.next_run_at
@@ -50,15 +65,15 @@ def _fires_until(job: Job, now: datetime) -> tuple[list[datetime], datetime | No
     return fires, current
 
 
-def _plan_runs(job: Job, fires: list[datetime], now: datetime, active: bool) -> list[JobRun]:
-    """Turn a job's due fire times into JobRun rows, applying the misfire and overlap policies."""
+def _plan_runs(job: Any, fires: list[datetime], now: datetime, active: bool) -> list[_Planned]:
+    """Turn a job's due fire times into runs, applying the misfire and overlap policies."""
     grace = timedelta(seconds=job.misfire_grace_seconds)
     late = [fire for fire in fires if now - fire > grace]
     on_time = fires[len(late) :]
-    rows: list[JobRun] = []
-
-    def row(fire: datetime, **extra: object) -> JobRun:
-        return JobRun(job=job, scheduled_for=fire, not_before=fire, trigger=JobRun.Trigger.SCHEDULE, **extra)
+    rows: list[_Planned] = []
+    skipped = JobRun.Status.SKIPPED.value
+    overlap = "overlap: the previous run is still active"
+    forbid = job.overlap_policy == Job.OverlapPolicy.FORBID
 
     to_queue = list(on_time)
     if late:
@@ -70,39 +85,77 @@ def _plan_runs(job: Job, fires: list[datetime], now: datetime, active: bool) -> 
                 if not on_time
                 else f"misfire: {missed}; superseded by a later on-time fire"
             )
-            rows.append(
-                row(late[-1], status=JobRun.Status.SKIPPED, missed_fires=len(late) - 1, skip_reason=reason[:255])
-            )
+            rows.append(_Planned(job.id, late[-1], skipped, len(late) - 1, reason[:255]))
         else:
             # run_once: one catch-up run stands for every missed fire.
-            rows.append(row(late[-1], missed_fires=len(late) - 1))
             to_queue = []
-            if active and job.overlap_policy == Job.OverlapPolicy.FORBID:
-                rows[-1].status = JobRun.Status.SKIPPED
-                rows[-1].skip_reason = "overlap: the previous run is still active"
+            if active and forbid:
+                rows.append(_Planned(job.id, late[-1], skipped, len(late) - 1, overlap))
+            else:
+                rows.append(_Planned(job.id, late[-1], missed_fires=len(late) - 1))
     for fire in to_queue:
-        if active and job.overlap_policy == Job.OverlapPolicy.FORBID:
-            rows.append(
-                row(fire, status=JobRun.Status.SKIPPED, skip_reason="overlap: the previous run is still active")
-            )
+        if active and forbid:
+            rows.append(_Planned(job.id, fire, skipped, skip_reason=overlap))
         else:
-            rows.append(row(fire))
+            rows.append(_Planned(job.id, fire))
             active = True
-    for planned in rows:
-        if planned.status == JobRun.Status.SKIPPED:
-            planned.finished_at = now
     return rows
 
 
+def _insert_runs(planned: list[_Planned], now: datetime) -> None:
+    """Insert the planned runs with multi-row INSERTs; a fire that already has its row is skipped.
+
+    The conflict target is the unique (job, scheduled_for, attempt): a double fire cannot land.
+    """
+    table = connection.ops.quote_name(JobRun._meta.db_table)
+    columns = (
+        "job_id, scheduled_for, not_before, trigger, attempt, status, missed_fires, skip_reason, error, "
+        "finished_at, created_at"
+    )
+    per_row = 11
+    limit = connection.features.max_query_params or 65535
+    size = max(1, min(len(planned), limit // per_row))
+    adapt = connection.ops.adapt_datetimefield_value
+    created_at = adapt(timezone.now())
+    finished_at = adapt(now)
+    times: dict[datetime, Any] = {}
+    for start in range(0, len(planned), size):
+        chunk = planned[start : start + size]
+        params: list[Any] = []
+        for row in chunk:
+            fire = times.get(row.scheduled_for)
+            if fire is None:
+                fire = times[row.scheduled_for] = adapt(row.scheduled_for)
+            done = finished_at if row.status == JobRun.Status.SKIPPED else None
+            params += [
+                row.job_id, fire, fire, JobRun.Trigger.SCHEDULE.value, 1, row.status, row.missed_fires,
+                row.skip_reason, "", done, created_at,
+            ]  # fmt: skip
+        values = ", ".join([f"({_placeholders(per_row)})"] * len(chunk))
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"INSERT INTO {table} ({columns}) VALUES {values} "
+                "ON CONFLICT (job_id, scheduled_for, attempt) DO NOTHING",
+                params,
+            )
+
+
 def fire_due_jobs(*, now: datetime, limit: int = FIRE_BATCH) -> FireReport:
-    """Turn due jobs into runs and advance their next fire time, in one short transaction."""
+    """Turn due jobs into runs and advance their next fire time, in one short transaction.
+
+    Three statements whatever the number of jobs (more only when their next fire times differ):
+    lock the due jobs (with whether each has an active run), insert the runs, advance the jobs.
+    Inside an outer transaction (on SQLite the engine claims the new runs in the same one) no
+    savepoint is made.
+    """
     report = FireReport()
-    with transaction.atomic():
+    with transaction.atomic(savepoint=False):
         jobs = list(
             Job.objects.due(now)
+            .annotate(active=Exists(JobRun.objects.active().filter(job_id=OuterRef("pk"))))
             .order_by("next_run_at", "id")
-            .select_for_update(skip_locked=True)
-            .only(
+            .select_for_update(skip_locked=True, of=("self",))
+            .values_list(
                 "id",
                 "cron_expression",
                 "timezone",
@@ -110,59 +163,139 @@ def fire_due_jobs(*, now: datetime, limit: int = FIRE_BATCH) -> FireReport:
                 "misfire_policy",
                 "misfire_grace_seconds",
                 "overlap_policy",
+                "active",
+                named=True,
             )[:limit]
         )
         if not jobs:
             return report
-        active_ids = set(
-            JobRun.objects.active().filter(job_id__in=[job.id for job in jobs]).values_list("job_id", flat=True)
-        )
-        rows: list[JobRun] = []
+        planned: list[_Planned] = []
+        advanced: dict[datetime | None, list[int]] = {}
         for job in jobs:
             fires, following = _fires_until(job, now)
-            rows.extend(_plan_runs(job, fires, now, job.id in active_ids))
-            job.next_run_at = following
-        # A conflict means that fire already has its row: exactly what must not happen twice.
-        JobRun.objects.bulk_create(rows, ignore_conflicts=True)
-        Job.objects.bulk_update(jobs, ["next_run_at"])
+            planned.extend(_plan_runs(job, fires, now, job.active))
+            advanced.setdefault(following, []).append(job.id)
+        _insert_runs(planned, now)
+        # Jobs on the same schedule share their next fire time: one UPDATE per distinct time.
+        for following, ids in advanced.items():
+            Job.objects.filter(id__in=ids).update(next_run_at=following)
     report.jobs = len(jobs)
-    for planned in rows:
-        if planned.status == JobRun.Status.SKIPPED:
+    for row in planned:
+        if row.status == JobRun.Status.SKIPPED:
             report.skipped += 1
         else:
             report.queued += 1
-            report.queued_job_ids.append(planned.job_id)
+            report.queued_job_ids.append(row.job_id)
     return report
 
 
+def _placeholders(count: int) -> str:
+    return ", ".join(["%s"] * count)
+
+
+def _columns(model: type[Model]) -> list[str]:
+    return [field.column for field in model._meta.concrete_fields]
+
+
+def _instances(model: type[ModelT], rows: list[tuple[Any, ...]], offset: int = 0) -> list[ModelT]:
+    """Build model instances from raw rows whose columns, from `offset`, are `_columns(model)`.
+
+    Values go through the same converters the ORM applies (aware datetimes, decoded JSON).
+    """
+    fields = model._meta.concrete_fields
+    columns = [model_field.get_col(model._meta.db_table) for model_field in fields]
+    converters = [
+        (index, column, [*connection.ops.get_db_converters(column), *column.field.get_db_converters(connection)])
+        for index, column in enumerate(columns)
+    ]
+    converters = [item for item in converters if item[2]]
+    names = [model_field.attname for model_field in fields]
+    instances = []
+    for row in rows:
+        values = list(row[offset : offset + len(fields)])
+        for index, column, functions in converters:
+            for convert in functions:
+                values[index] = convert(values[index], column, connection)
+        instances.append(model.from_db(connection.alias, names, values))
+    return instances
+
+
 def claim_runs(*, worker_id: int, slots: int, now: datetime) -> list[JobRun]:
-    """Mark up to `slots` ready runs as running on this worker and return them with their jobs."""
+    """Mark up to `slots` ready runs as running on this worker and return them with their jobs.
+
+    The oldest ready runs are picked by a subquery of an `UPDATE ... RETURNING`; on PostgreSQL
+    it skips rows other schedulers hold locked, and the jobs are joined in the same statement,
+    so a claim is one round trip and needs no transaction of its own. SQLite reads the jobs
+    with a second statement in the same (IMMEDIATE) transaction. Status literals are written
+    into the SQL so that SQLite can use the partial queue index.
+    """
     if slots <= 0:
         return []
-    with transaction.atomic():
-        ids = list(JobRun.objects.ready(now).select_for_update(skip_locked=True).values_list("id", flat=True)[:slots])
-        if not ids:
-            return []
-        JobRun.objects.filter(id__in=ids).update(status=JobRun.Status.RUNNING, started_at=now, worker_id=worker_id)
-    runs = list(JobRun.objects.filter(id__in=ids).select_related("job").order_by("not_before", "id"))
+    runs_table = connection.ops.quote_name(JobRun._meta.db_table)
+    jobs_table = connection.ops.quote_name(Job._meta.db_table)
+    run_columns = _columns(JobRun)
+    claim = (
+        f"UPDATE {runs_table} SET status = '{JobRun.Status.RUNNING}', started_at = %s, worker_id = %s "
+        f"WHERE id IN (SELECT id FROM {runs_table} WHERE status = '{JobRun.Status.QUEUED}' "
+        f"AND not_before <= %s ORDER BY not_before, id LIMIT %s{{lock}}) RETURNING {{returning}}"
+    )
+    params = [now, worker_id, now, slots]
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            claimed = ", ".join(f"claimed.{column}" for column in run_columns)
+            job = ", ".join(f"job.{column}" for column in _columns(Job))
+            cursor.execute(
+                f"WITH claimed AS ({claim.format(lock=' FOR UPDATE SKIP LOCKED', returning='*')}) "
+                f"SELECT {claimed}, {job} FROM claimed JOIN {jobs_table} AS job ON job.id = claimed.job_id",
+                params,
+            )
+            rows = cursor.fetchall()
+            runs = _instances(JobRun, rows)
+            jobs = {job.pk: job for job in _instances(Job, rows, offset=len(run_columns))}
+        else:
+            with transaction.atomic(savepoint=False):
+                cursor.execute(claim.format(lock="", returning=", ".join(run_columns)), params)
+                runs = _instances(JobRun, cursor.fetchall())
+                if not runs:
+                    return []
+                job_ids = sorted({run.job_id for run in runs})
+                cursor.execute(
+                    f"SELECT {', '.join(_columns(Job))} FROM {jobs_table} WHERE id IN ({_placeholders(len(job_ids))})",
+                    job_ids,
+                )
+                jobs = {job.pk: job for job in _instances(Job, cursor.fetchall())}
     for run in runs:
-        # The row says so too; set here so no second query is needed.
-        run.worker_id = worker_id
+        run.job = jobs[run.job_id]
+    runs.sort(key=lambda run: (run.not_before, run.pk))
     return runs
 
 
+def _aware(value: datetime | str | None) -> datetime | None:
+    """A datetime read by raw SQL: SQLite gives text in UTC, PostgreSQL an aware datetime."""
+    if isinstance(value, str):
+        value = parse_datetime(value)
+    if value is not None and timezone.is_naive(value):
+        value = timezone.make_aware(value, UTC)
+    return value
+
+
 def next_wakeup(*, include_queue: bool) -> datetime | None:
-    """Return the earliest time something becomes due: a job's next fire or a queued run."""
-    times = [
-        Job.objects.filter(enabled=True, next_run_at__isnull=False)
-        .order_by("next_run_at")
-        .values_list("next_run_at", flat=True)
-        .first()
-    ]
+    """Return the earliest time something becomes due: a job's next fire or a queued run.
+
+    One statement; each half is answered by its partial index (`job_due_idx`, `jobrun_queue_idx`).
+    """
+    jobs_table = connection.ops.quote_name(Job._meta.db_table)
+    runs_table = connection.ops.quote_name(JobRun._meta.db_table)
+    sql = f"SELECT MIN(next_run_at) AS due FROM {jobs_table} WHERE enabled AND next_run_at IS NOT NULL"
     if include_queue:
-        times.append(JobRun.objects.queued().order_by("not_before").values_list("not_before", flat=True).first())
-    present = [time for time in times if time is not None]
-    return min(present) if present else None
+        sql = (
+            f"SELECT MIN(due) FROM ({sql} UNION ALL SELECT MIN(not_before) AS due FROM {runs_table} "
+            f"WHERE status = '{JobRun.Status.QUEUED}') AS earliest"
+        )
+    with connection.cursor() as cursor:
+        cursor.execute(sql)
+        row = cursor.fetchone()
+    return _aware(row[0]) if row else None
 
 
 def recover_lost_runs(*, now: datetime, lost_after: float) -> list[JobRun]:

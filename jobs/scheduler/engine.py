@@ -1,10 +1,11 @@
 """The scheduler loop: fire due jobs, claim runs up to the free slots, run them, record outcomes.
 
-One engine per `manage.py runscheduler` process. Runs execute in threads, at most
-`max_concurrent` at once; the engine thread alone talks to the database about run lifecycles,
-so outcomes are written in small batches. Between passes it sleeps until the next thing is due
-(bounded by `max_sleep`), and on PostgreSQL a LISTEN connection wakes it as soon as a job or run
-changes.
+One engine per `manage.py runscheduler` process. Runs execute on worker threads, at most
+`max_concurrent` at once; the engine thread alone talks to the database about run lifecycles.
+Each pass writes back the runs that finished, fires due jobs and claims runs for the free
+slots, in a few statements whatever the number of runs. Between passes it sleeps until the next
+thing is due (bounded by `max_sleep`), and on PostgreSQL a LISTEN connection wakes it as soon
+as a job or run changes.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import DatabaseError, close_old_connections, connection, connections
+from django.db import DatabaseError, close_old_connections, connection, connections, transaction
 from django.utils import timezone
 
 from jobs.conf import get
@@ -40,6 +42,48 @@ PRUNE_EVERY_SECONDS = 600.0
 class _Inflight:
     run: Any
     deadline: float  # time.monotonic() after which the run has timed out
+
+
+class _Workers:
+    """Long-lived threads that execute runs; a thread is added whenever none is idle.
+
+    A run that overran its timeout keeps its thread (Python cannot kill it), so its slot is
+    freed by starting another thread rather than by waiting for that one. Threads idle for
+    `idle_seconds` end.
+    """
+
+    def __init__(self, work: Callable[[Any], None], *, idle_seconds: float = 60.0) -> None:
+        self._work = work
+        self._idle_seconds = idle_seconds
+        self._tasks: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0  # threads waiting for a task, less the tasks handed to them but not yet taken
+        self._started = 0
+
+    def submit(self, task: Any) -> None:
+        with self._lock:
+            spawn = self._idle == 0
+            if not spawn:
+                self._idle -= 1
+        self._tasks.put(task)
+        if spawn:
+            self._started += 1
+            threading.Thread(target=self._loop, name=f"run-worker-{self._started}", daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                task = self._tasks.get(timeout=self._idle_seconds)
+            except queue.Empty:
+                with self._lock:
+                    if self._idle > 0:
+                        self._idle -= 1
+                        return
+                # Every idle thread has a task on its way: this one must stay for it.
+                continue
+            self._work(task)
+            with self._lock:
+                self._idle += 1
 
 
 class _Listener(threading.Thread):
@@ -104,6 +148,10 @@ class Engine:
         self._wake = threading.Event()
         self._done: queue.SimpleQueue[runner.Outcome] = queue.SimpleQueue()
         self._inflight: dict[int, _Inflight] = {}
+        self._workers = _Workers(self._work)
+        # Outcomes taken from finished or timed-out runs and not yet committed: a failed write
+        # keeps them here for the next pass, so no outcome is ever dropped.
+        self._unrecorded: list[runner.Outcome] = []
         self._stopping = False
         self._stop_requested_at: float | None = None
         self._next_heartbeat = 0.0
@@ -180,8 +228,8 @@ class Engine:
             wait = min(item.deadline for item in self._inflight.values()) - time.monotonic()
             self._wake.wait(max(0.0, min(wait, 0.05)))
             self._wake.clear()
-            self._collect(outcomes)
-            self._expire(outcomes)
+            self._take_outcomes()
+            self._write(outcomes)
         return outcomes
 
     def stop(self) -> None:
@@ -199,7 +247,8 @@ class Engine:
         if self._listener is not None:
             self._listener.stop()
         try:
-            self._collect([])
+            self._take_outcomes()
+            self._write([])
             if self._inflight:
                 logger.warning(
                     "grace period over with %d run(s) unfinished; other schedulers will mark them lost",
@@ -215,11 +264,11 @@ class Engine:
 
     def _tick(self, collect_into: list[runner.Outcome] | None = None) -> None:
         sink: list[runner.Outcome] = collect_into if collect_into is not None else []
-        self._collect(sink)
-        self._expire(sink)
+        self._take_outcomes()
         if time.monotonic() >= self._next_heartbeat:
             self._heartbeat()
         if self._stopping:
+            self._write(sink)
             return
         now = self.clock()
         look = (
@@ -228,35 +277,55 @@ class Engine:
             or (self._check_at is not None and now >= self._check_at)
         )
         if not look:
-            # Woken by a finished run: only claim, and only if runs may be waiting.
-            if self._backlog:
-                self._claim_and_start()
+            # Woken by a finished run: record it, and claim only if runs may be waiting.
+            self._write(sink, claim=self._backlog)
             return
         self._notified = False
         self._poll_at = time.monotonic() + self.max_sleep
         self._check_at = None
-        queued = 0
-        while True:
+        report = self._write(sink, claim=True, fire=True)
+        queued = report.queued
+        while report.jobs >= claiming.FIRE_BATCH:
+            # More due jobs than one batch: fire the rest in transactions of their own.
             report = claiming.fire_due_jobs(now=self.clock())
             queued += report.queued
-            if report.jobs < claiming.FIRE_BATCH:
-                break
-        if queued:
-            self._backlog = True
-        self._claim_and_start()
+            if report.queued:
+                self._backlog = True
+        if self._backlog:
+            self._write(sink, claim=True)
         if queued > self.max_concurrent:
             # More work than this process can take right now: wake the others.
             notify_schedulers()
 
-    def _claim_and_start(self) -> None:
+    def _write(self, sink: list[runner.Outcome], *, claim: bool = False, fire: bool = False) -> claiming.FireReport:
+        """Record the taken outcomes, fire due jobs, claim runs for the free slots; start them."""
         assert self.process is not None
+        report = claiming.FireReport()
         free = self.max_concurrent - len(self._inflight)
-        if free <= 0:
-            return
-        runs = claiming.claim_runs(worker_id=self.process.pk, slots=free, now=self.clock())
-        self._backlog = len(runs) == free
+        claim = claim and free > 0
+        if not (self._unrecorded or claim or fire):
+            return report
+        runs: list[Any] = []
+        # SQLite: one IMMEDIATE transaction for the whole pass is cheaper than one per step.
+        # PostgreSQL: recording and claiming are single statements, atomic on their own, so
+        # an outer transaction would only add BEGIN and COMMIT round trips.
+        with transaction.atomic() if connection.vendor == "sqlite" else nullcontext():
+            accepted = runner.record_outcomes(self._unrecorded, worker_id=self.process.pk)
+            if fire:
+                report = claiming.fire_due_jobs(now=self.clock())
+            if claim:
+                runs = claiming.claim_runs(worker_id=self.process.pk, slots=free, now=self.clock())
+        self._unrecorded = []
+        self._log_finished(accepted)
+        sink.extend(accepted)
+        if any(outcome.status != "succeeded" for outcome in accepted):
+            self._check_at = None  # a retry may now be queued; look for it when it is due
+        if claim:
+            # A full claim means more runs may be waiting.
+            self._backlog = len(runs) == free
         for run in runs:
             self._start(run)
+        return report
 
     def _start(self, run: Any) -> None:
         lateness = (run.started_at - run.scheduled_for).total_seconds()
@@ -270,43 +339,37 @@ class Engine:
             extra={"job_id": run.job_id, "run_id": run.pk, "status": "running", "lateness_seconds": lateness},
         )
         self._inflight[run.pk] = _Inflight(run, time.monotonic() + run.job.timeout_seconds)
-        threading.Thread(target=self._work, args=(run,), name=f"run-{run.pk}", daemon=True).start()
+        self._workers.submit(run)
 
     def _work(self, run: Any) -> None:
         try:
             outcome = runner.execute(run, clock=self.clock)
         finally:
-            # Each run thread has its own connection, if the executor used one.
+            # The worker thread's own connection, if the executor used one, is not kept open
+            # while the thread idles.
             connections.close_all()
         self._done.put(outcome)
         self._wake.set()
 
-    def _collect(self, sink: list[runner.Outcome]) -> None:
-        """Record the outcomes of finished runs; a run that already timed out is ignored."""
-        finished = []
+    def _take_outcomes(self) -> None:
+        """Take the outcomes of finished runs and of runs past their timeout, freeing their slots.
+
+        The late outcome of a run that already timed out is ignored: its thread cannot be
+        killed, so it was abandoned.
+        """
         while True:
             try:
                 outcome = self._done.get_nowait()
             except queue.Empty:
                 break
             if self._inflight.pop(outcome.run.pk, None) is not None:
-                finished.append(outcome)
-        self._record(finished, sink)
-
-    def _expire(self, sink: list[runner.Outcome]) -> None:
-        """Record runs past their timeout as timed out and free their slots."""
+                self._unrecorded.append(outcome)
         now_mono = time.monotonic()
         expired = [run_id for run_id, item in self._inflight.items() if item.deadline <= now_mono]
-        if not expired:
-            return
-        # The thread cannot be killed; it is abandoned, and its late outcome is discarded.
-        outcomes = [runner.timed_out(self._inflight.pop(run_id).run, self.clock()) for run_id in expired]
-        self._record(outcomes, sink)
+        for run_id in expired:
+            self._unrecorded.append(runner.timed_out(self._inflight.pop(run_id).run, self.clock()))
 
-    def _record(self, outcomes: list[runner.Outcome], sink: list[runner.Outcome]) -> None:
-        if not outcomes or self.process is None:
-            return
-        accepted = runner.record_outcomes(outcomes, worker_id=self.process.pk)
+    def _log_finished(self, accepted: list[runner.Outcome]) -> None:
         for outcome in accepted:
             run = outcome.run
             duration = (outcome.finished_at - run.started_at).total_seconds() if run.started_at else 0.0
@@ -325,9 +388,6 @@ class Engine:
                     "duration_seconds": duration,
                 },
             )
-        sink.extend(accepted)
-        if any(outcome.status != "succeeded" for outcome in accepted):
-            self._check_at = None  # a retry may now be queued; look for it when it is due
 
     def _heartbeat(self) -> None:
         assert self.process is not None

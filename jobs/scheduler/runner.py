@@ -7,13 +7,13 @@ import logging
 import random
 import traceback
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from django.core.serializers.json import DjangoJSONEncoder
-from django.db import transaction
-from django.db.models import Q
+from django.db import connection, transaction
 from django.utils import timezone
 
 from jobs.conf import get
@@ -93,50 +93,127 @@ def retry_delay(job: Job, attempt: int, *, rng: random.Random | None = None) -> 
     return base / 2 + (rng or random).uniform(0, base / 2)
 
 
+def _case(field_name: str, model: type[Job] | type[JobRun], values: dict[int, Any]) -> tuple[str, list[Any]]:
+    """`CASE id WHEN ... END` giving each row its own value (cast where PostgreSQL needs it)."""
+    field = model._meta.get_field(field_name)
+    sql = "CASE id " + " ".join(["WHEN %s THEN %s"] * len(values)) + " END"
+    if connection.features.requires_casted_case_in_updates:
+        sql = f"CAST({sql} AS {field.db_type(connection)})"
+    params: list[Any] = []
+    for pk, value in values.items():
+        params += [pk, field.get_db_prep_save(value, connection)]
+    return sql, params
+
+
+def _finish_runs(outcomes: list[Outcome], worker_id: int) -> set[int]:
+    """Write the outcomes with one fenced UPDATE; return the ids of the runs it changed.
+
+    On PostgreSQL the same statement also shows each job's latest run on the job (a
+    data-modifying CTE), so a batch is one round trip; SQLite does that in `_set_last_runs`.
+    """
+    runs_table = connection.ops.quote_name(JobRun._meta.db_table)
+    jobs_table = connection.ops.quote_name(Job._meta.db_table)
+    postgres = connection.vendor == "postgresql"
+    fields = [JobRun._meta.get_field(name) for name in ("status", "finished_at", "result", "error")]
+    cells = ["%s"] + [f"CAST(%s AS {field.db_type(connection)})" if postgres else "%s" for field in fields]
+    row = f"({', '.join(cells)})"
+    params: list[Any] = []
+    for outcome in outcomes:
+        params.append(outcome.run.pk)
+        params += [field.get_db_prep_save(getattr(outcome, field.name), connection) for field in fields]
+    finish = (
+        f"UPDATE {runs_table} SET status = outcome.new_status, finished_at = outcome.new_finished_at, "
+        "result = outcome.new_result, error = outcome.new_error FROM outcome "
+        f"WHERE id = outcome.run_id AND status = '{JobRun.Status.RUNNING}' AND worker_id = %s "
+        "RETURNING id, job_id, COALESCE(started_at, finished_at) AS started_at, status"
+    )
+    sql = (
+        "WITH outcome (run_id, new_status, new_finished_at, new_result, new_error) AS "
+        f"(VALUES {', '.join([row] * len(outcomes))}) "
+    )
+    if postgres:
+        sql += (
+            f", finished AS ({finish}), "
+            "latest AS (SELECT DISTINCT ON (job_id) job_id, started_at, status FROM finished "
+            "ORDER BY job_id, started_at DESC, id DESC), "
+            f"shown AS (UPDATE {jobs_table} AS job SET last_run_at = latest.started_at, "
+            "last_run_status = latest.status FROM latest WHERE job.id = latest.job_id "
+            "AND (job.last_run_at IS NULL OR job.last_run_at <= latest.started_at) RETURNING job.id) "
+            "SELECT id FROM finished"
+        )
+    else:
+        sql += finish
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [*params, worker_id])
+        return {row[0] for row in cursor.fetchall()}
+
+
+def _set_last_runs(outcomes: list[Outcome]) -> None:
+    """Show each job's latest run on the job, in one UPDATE; an older run never overwrites a newer."""
+    latest: dict[int, Outcome] = {}
+    for outcome in outcomes:
+        started = outcome.run.started_at or outcome.finished_at
+        seen = latest.get(outcome.run.job_id)
+        if seen is None or started >= (seen.run.started_at or seen.finished_at):
+            latest[outcome.run.job_id] = outcome
+    started_at = {job_id: outcome.run.started_at or outcome.finished_at for job_id, outcome in latest.items()}
+    at_sql, at_params = _case("last_run_at", Job, started_at)
+    status_sql, status_params = _case("last_run_status", Job, {pk: o.status for pk, o in latest.items()})
+    jobs_table = connection.ops.quote_name(Job._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {jobs_table} SET last_run_at = {at_sql}, last_run_status = {status_sql} "
+            f"WHERE id IN ({', '.join(['%s'] * len(latest))}) "
+            f"AND (last_run_at IS NULL OR last_run_at <= {at_sql})",
+            [*at_params, *status_params, *latest, *at_params],
+        )
+
+
+def _wants_retry(outcome: Outcome) -> bool:
+    failed = outcome.status in (JobRun.Status.FAILED, JobRun.Status.TIMED_OUT)
+    return failed and outcome.run.attempt <= outcome.run.job.max_retries
+
+
 def record_outcomes(outcomes: Iterable[Outcome], *, worker_id: int) -> list[Outcome]:
     """Write outcomes back in one transaction; return those that were accepted.
 
     Each write is fenced: it only lands while the run is still `running` on this worker, so a
     scheduler that was presumed dead (its runs marked lost and retried) cannot overwrite them.
+    A batch is one statement on PostgreSQL and two on SQLite (the runs, then their jobs' last
+    run), plus one to queue retries. Inside an outer transaction (on SQLite the engine claims the
+    next runs in the same one) no savepoint is made.
     """
-    accepted: list[Outcome] = []
-    with transaction.atomic():
-        for outcome in outcomes:
-            run = outcome.run
-            updated = JobRun.objects.filter(pk=run.pk, status=JobRun.Status.RUNNING, worker_id=worker_id).update(
-                status=outcome.status,
-                finished_at=outcome.finished_at,
-                result=outcome.result,
-                error=outcome.error,
+    outcomes = list(outcomes)
+    if not outcomes:
+        return []
+    retry = [outcome for outcome in outcomes if _wants_retry(outcome)]
+    one_statement = connection.vendor == "postgresql" and not retry
+    # A single statement is atomic by itself: no transaction, so no BEGIN and COMMIT round trips.
+    with nullcontext() if one_statement else transaction.atomic(savepoint=False):
+        finished = _finish_runs(outcomes, worker_id)
+        accepted = [outcome for outcome in outcomes if outcome.run.pk in finished]
+        if accepted and connection.vendor != "postgresql":
+            _set_last_runs(accepted)
+        retries = [
+            JobRun(
+                job=outcome.run.job,
+                scheduled_for=outcome.run.scheduled_for,
+                attempt=outcome.run.attempt + 1,
+                trigger=JobRun.Trigger.RETRY,
+                not_before=outcome.finished_at + timedelta(seconds=retry_delay(outcome.run.job, outcome.run.attempt)),
             )
-            if not updated:
-                logger.warning(
-                    "outcome discarded job=%s run=%s status=%s: the run is no longer held by this scheduler",
-                    run.job_id,
-                    run.pk,
-                    outcome.status,
-                    extra={"job_id": run.job_id, "run_id": run.pk},
-                )
-                continue
-            accepted.append(outcome)
-            job = run.job
-            started_at = run.started_at or outcome.finished_at
-            Job.objects.filter(pk=job.pk).filter(Q(last_run_at__isnull=True) | Q(last_run_at__lte=started_at)).update(
-                last_run_at=started_at, last_run_status=outcome.status
+            for outcome in retry
+            if outcome.run.pk in finished
+        ]
+        if retries:
+            JobRun.objects.bulk_create(retries, ignore_conflicts=True)
+    for outcome in outcomes:
+        if outcome.run.pk not in finished:
+            logger.warning(
+                "outcome discarded job=%s run=%s status=%s: the run is no longer held by this scheduler",
+                outcome.run.job_id,
+                outcome.run.pk,
+                outcome.status,
+                extra={"job_id": outcome.run.job_id, "run_id": outcome.run.pk},
             )
-            failed = outcome.status in (JobRun.Status.FAILED, JobRun.Status.TIMED_OUT)
-            if failed and run.attempt <= job.max_retries:
-                not_before = outcome.finished_at + timedelta(seconds=retry_delay(job, run.attempt))
-                JobRun.objects.bulk_create(
-                    [
-                        JobRun(
-                            job=job,
-                            scheduled_for=run.scheduled_for,
-                            attempt=run.attempt + 1,
-                            trigger=JobRun.Trigger.RETRY,
-                            not_before=not_before,
-                        )
-                    ],
-                    ignore_conflicts=True,
-                )
     return accepted

@@ -6,7 +6,9 @@ import random
 from datetime import timedelta
 
 import pytest
+from django.db import connection
 from django.test import override_settings
+from django.test.utils import CaptureQueriesContext
 
 from jobs.models import Job, JobRun, SchedulerProcess
 from jobs.scheduler import runner
@@ -70,3 +72,55 @@ def test_timed_out_outcome_can_be_retried(running, now):
     accepted = runner.record_outcomes([runner.timed_out(run, now + timedelta(seconds=1))], worker_id=worker.pk)
     assert [o.status for o in accepted] == ["timed_out"]
     assert JobRun.objects.filter(job=run.job, attempt=2, status="queued").exists()
+
+
+def test_a_batch_is_written_in_one_or_two_statements_and_fenced_run_by_run(make_job, now):
+    worker = SchedulerProcess.objects.create(hostname="h", pid=3, started_at=now, last_heartbeat_at=now)
+    shared = make_job(now=now, cron="0 0 1 1 *", overlap_policy="allow", name="shared")
+    other = make_job(now=now, cron="0 0 1 1 *", name="other", job_type="test_fail")
+    runs = []
+    for job, started in [(shared, now), (shared, now + timedelta(seconds=2)), (other, now), (other, now)]:
+        run = JobRun.objects.create(
+            job=job,
+            scheduled_for=started,
+            not_before=started,
+            attempt=len(runs) + 1,
+            status="running",
+            worker=worker,
+            started_at=started,
+        )
+        runs.append(JobRun.objects.select_related("job").get(pk=run.pk))
+    # The last run was presumed lost meanwhile: its outcome must not land.
+    JobRun.objects.filter(pk=runs[3].pk).update(status="lost")
+    outcomes = [
+        runner.Outcome(runs[0], "succeeded", now + timedelta(seconds=5), result={"rows": 1}),
+        runner.Outcome(runs[1], "succeeded", now + timedelta(seconds=3), result=[1, 2]),
+        runner.Outcome(runs[2], "failed", now + timedelta(seconds=1), error="boom"),
+        runner.Outcome(runs[3], "succeeded", now + timedelta(seconds=1)),
+    ]
+    with CaptureQueriesContext(connection) as captured:
+        accepted = runner.record_outcomes(outcomes, worker_id=worker.pk)
+    statements = [q["sql"] for q in captured.captured_queries if not q["sql"].startswith(("SAVEPOINT", "RELEASE"))]
+    # PostgreSQL: one statement (runs and jobs in a data-modifying CTE); SQLite: runs, then jobs.
+    assert len(statements) == (1 if connection.vendor == "postgresql" else 2), statements
+    assert [outcome.run.pk for outcome in accepted] == [runs[0].pk, runs[1].pk, runs[2].pk]
+    rows = {row.pk: row for row in JobRun.objects.all()}
+    assert (rows[runs[0].pk].status, rows[runs[0].pk].result) == ("succeeded", {"rows": 1})
+    assert rows[runs[0].pk].finished_at == now + timedelta(seconds=5)
+    assert (rows[runs[1].pk].status, rows[runs[1].pk].result) == ("succeeded", [1, 2])
+    assert (rows[runs[2].pk].status, rows[runs[2].pk].error, rows[runs[2].pk].result) == ("failed", "boom", None)
+    assert (rows[runs[3].pk].status, rows[runs[3].pk].finished_at) == ("lost", None)
+    # Each job shows its latest run: for `shared` the one started last, though it finished first.
+    shared.refresh_from_db()
+    other.refresh_from_db()
+    assert (shared.last_run_at, shared.last_run_status) == (now + timedelta(seconds=2), "succeeded")
+    assert (other.last_run_at, other.last_run_status) == (now, "failed")
+
+
+def test_an_older_run_never_overwrites_the_jobs_newer_last_run(running, now):
+    run, worker = running()
+    Job.objects.filter(pk=run.job_id).update(last_run_at=now + timedelta(minutes=1), last_run_status="succeeded")
+    accepted = runner.record_outcomes([runner.Outcome(run, "failed", now, error="x")], worker_id=worker.pk)
+    assert len(accepted) == 1 and JobRun.objects.get(pk=run.pk).status == "failed"
+    job = Job.objects.get(pk=run.job_id)
+    assert (job.last_run_at, job.last_run_status) == (now + timedelta(minutes=1), "succeeded")
