@@ -8,13 +8,14 @@ Either way the unique constraint on (job, scheduled_for, attempt) makes a double
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
-from django.db import connection, transaction
-from django.db.models import Exists, Model, OuterRef, Q
+from django.db import DEFAULT_DB_ALIAS, connection, connections, transaction
+from django.db.models import Model, Q
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
@@ -30,6 +31,8 @@ ModelT = TypeVar("ModelT", bound=Model)
 MAX_FIRES_COUNTED = 1000
 # Due jobs fired per transaction; a pass repeats until a batch comes back short.
 FIRE_BATCH = 500
+# The partial index on queued runs by (not_before, id) that claiming reads (see JobRun.Meta).
+QUEUE_INDEX = "jobrun_queue_idx"
 
 
 @dataclass
@@ -40,6 +43,19 @@ class FireReport:
     queued: int = 0
     skipped: int = 0
     queued_job_ids: list[int] = field(default_factory=list)
+
+
+class _DueJob(NamedTuple):
+    """What firing needs of a due job."""
+
+    id: int
+    cron_expression: str
+    timezone: str
+    next_run_at: datetime
+    misfire_policy: str
+    misfire_grace_seconds: int
+    overlap_policy: str
+    active: bool  # it has a queued or running run
 
 
 @dataclass(slots=True)
@@ -53,7 +69,7 @@ class _Planned:
     skip_reason: str = ""
 
 
-def _fires_until(job: Any, now: datetime) -> tuple[list[datetime], datetime | None]:
+def _fires_until(job: _DueJob, now: datetime) -> tuple[list[datetime], datetime | None]:
     """Return the job's fire times up to `now` (capped) and its next fire time after them."""
     fires: list[datetime] = []
     current = job.next_run_at
@@ -65,7 +81,7 @@ def _fires_until(job: Any, now: datetime) -> tuple[list[datetime], datetime | No
     return fires, current
 
 
-def _plan_runs(job: Any, fires: list[datetime], now: datetime, active: bool) -> list[_Planned]:
+def _plan_runs(job: _DueJob, fires: list[datetime], now: datetime, active: bool) -> list[_Planned]:
     """Turn a job's due fire times into runs, applying the misfire and overlap policies."""
     grace = timedelta(seconds=job.misfire_grace_seconds)
     late = [fire for fire in fires if now - fire > grace]
@@ -149,24 +165,21 @@ def fire_due_jobs(*, now: datetime, limit: int = FIRE_BATCH) -> FireReport:
     savepoint is made.
     """
     report = FireReport()
-    with transaction.atomic(savepoint=False):
-        jobs = list(
-            Job.objects.due(now)
-            .annotate(active=Exists(JobRun.objects.active().filter(job_id=OuterRef("pk"))))
-            .order_by("next_run_at", "id")
-            .select_for_update(skip_locked=True, of=("self",))
-            .values_list(
-                "id",
-                "cron_expression",
-                "timezone",
-                "next_run_at",
-                "misfire_policy",
-                "misfire_grace_seconds",
-                "overlap_policy",
-                "active",
-                named=True,
-            )[:limit]
+    jobs_table = connection.ops.quote_name(Job._meta.db_table)
+    runs_table = connection.ops.quote_name(JobRun._meta.db_table)
+    active = ", ".join(f"'{status}'" for status in JobRun.ACTIVE)
+    lock = f" FOR UPDATE OF {jobs_table} SKIP LOCKED" if connection.features.has_select_for_update_skip_locked else ""
+    adapt = connection.ops.adapt_datetimefield_value
+    with transaction.atomic(savepoint=False), connection.cursor() as cursor:
+        # The partial index job_due_idx answers `enabled AND next_run_at <= now`.
+        cursor.execute(
+            f"SELECT id, cron_expression, timezone, next_run_at, misfire_policy, misfire_grace_seconds, "
+            f"overlap_policy, EXISTS (SELECT 1 FROM {runs_table} AS run WHERE run.job_id = {jobs_table}.id "
+            f"AND run.status IN ({active})) AS active FROM {jobs_table} WHERE enabled AND next_run_at <= %s "
+            f"ORDER BY next_run_at, id LIMIT %s{lock}",
+            [adapt(now), limit],
         )
+        jobs = [_DueJob(*row[:3], _aware(row[3]), *row[4:7], bool(row[7])) for row in cursor.fetchall()]
         if not jobs:
             return report
         planned: list[_Planned] = []
@@ -178,7 +191,10 @@ def fire_due_jobs(*, now: datetime, limit: int = FIRE_BATCH) -> FireReport:
         _insert_runs(planned, now)
         # Jobs on the same schedule share their next fire time: one UPDATE per distinct time.
         for following, ids in advanced.items():
-            Job.objects.filter(id__in=ids).update(next_run_at=following)
+            cursor.execute(
+                f"UPDATE {jobs_table} SET next_run_at = %s WHERE id IN ({_placeholders(len(ids))})",
+                [adapt(following), *ids],
+            )
     report.jobs = len(jobs)
     for row in planned:
         if row.status == JobRun.Status.SKIPPED:
@@ -197,27 +213,41 @@ def _columns(model: type[Model]) -> list[str]:
     return [field.column for field in model._meta.concrete_fields]
 
 
+@functools.cache
+def _loader(model: type[Model], vendor: str) -> tuple[list[str], list[tuple[int, Any, list[Any]]]]:
+    """The attribute names of `_columns(model)` and, per column that needs any, its converters."""
+    del vendor  # part of the cache key: converters differ per database
+    columns = [field.get_col(model._meta.db_table) for field in model._meta.concrete_fields]
+    converters = [
+        (index, column, [*connection.ops.get_db_converters(column), *column.field.get_db_converters(connection)])
+        for index, column in enumerate(columns)
+    ]
+    return [field.attname for field in model._meta.concrete_fields], [item for item in converters if item[2]]
+
+
 def _instances(model: type[ModelT], rows: list[tuple[Any, ...]], offset: int = 0) -> list[ModelT]:
     """Build model instances from raw rows whose columns, from `offset`, are `_columns(model)`.
 
     Values go through the same converters the ORM applies (aware datetimes, decoded JSON).
     """
-    fields = model._meta.concrete_fields
-    columns = [model_field.get_col(model._meta.db_table) for model_field in fields]
-    converters = [
-        (index, column, [*connection.ops.get_db_converters(column), *column.field.get_db_converters(connection)])
-        for index, column in enumerate(columns)
-    ]
-    converters = [item for item in converters if item[2]]
-    names = [model_field.attname for model_field in fields]
+    wrapper = connections[DEFAULT_DB_ALIAS]
+    names, converters = _loader(model, wrapper.vendor)
     instances = []
     for row in rows:
-        values = list(row[offset : offset + len(fields)])
+        values = list(row[offset : offset + len(names)])
         for index, column, functions in converters:
             for convert in functions:
-                values[index] = convert(values[index], column, connection)
-        instances.append(model.from_db(connection.alias, names, values))
+                values[index] = convert(values[index], column, wrapper)
+        instances.append(model.from_db(DEFAULT_DB_ALIAS, names, values))
     return instances
+
+
+def _queue_index() -> str:
+    """On SQLite, name the partial queue index: without ANALYZE statistics its planner would
+    rather sort every queued run on the status index, for every claim."""
+    if connection.vendor != "sqlite":
+        return ""
+    return f" INDEXED BY {connection.ops.quote_name(QUEUE_INDEX)}"
 
 
 def claim_runs(*, worker_id: int, slots: int, now: datetime) -> list[JobRun]:
@@ -236,10 +266,11 @@ def claim_runs(*, worker_id: int, slots: int, now: datetime) -> list[JobRun]:
     run_columns = _columns(JobRun)
     claim = (
         f"UPDATE {runs_table} SET status = '{JobRun.Status.RUNNING}', started_at = %s, worker_id = %s "
-        f"WHERE id IN (SELECT id FROM {runs_table} WHERE status = '{JobRun.Status.QUEUED}' "
+        f"WHERE id IN (SELECT id FROM {runs_table}{_queue_index()} WHERE status = '{JobRun.Status.QUEUED}' "
         f"AND not_before <= %s ORDER BY not_before, id LIMIT %s{{lock}}) RETURNING {{returning}}"
     )
-    params = [now, worker_id, now, slots]
+    at = connection.ops.adapt_datetimefield_value(now)
+    params = [at, worker_id, at, slots]
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
             claimed = ", ".join(f"claimed.{column}" for column in run_columns)
@@ -289,8 +320,8 @@ def next_wakeup(*, include_queue: bool) -> datetime | None:
     sql = f"SELECT MIN(next_run_at) AS due FROM {jobs_table} WHERE enabled AND next_run_at IS NOT NULL"
     if include_queue:
         sql = (
-            f"SELECT MIN(due) FROM ({sql} UNION ALL SELECT MIN(not_before) AS due FROM {runs_table} "
-            f"WHERE status = '{JobRun.Status.QUEUED}') AS earliest"
+            f"SELECT MIN(due) FROM ({sql} UNION ALL SELECT MIN(not_before) AS due FROM {runs_table}"
+            f"{_queue_index()} WHERE status = '{JobRun.Status.QUEUED}') AS earliest"
         )
     with connection.cursor() as cursor:
         cursor.execute(sql)

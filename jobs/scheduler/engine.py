@@ -36,6 +36,9 @@ from .notify import CHANNEL, notify_schedulers
 logger = logging.getLogger("jobs.scheduler")
 
 PRUNE_EVERY_SECONDS = 600.0
+# When one run finishes while others are in flight, wait this long for them too, so that
+# short runs finishing together are written back (and their slots refilled) in one go.
+GATHER_SECONDS = 0.001
 
 
 @dataclass
@@ -357,6 +360,10 @@ class Engine:
         The late outcome of a run that already timed out is ignored: its thread cannot be
         killed, so it was abandoned.
         """
+        if not self._done.empty():
+            deadline = time.monotonic() + GATHER_SECONDS
+            while self._done.qsize() < len(self._inflight) and time.monotonic() < deadline:
+                time.sleep(GATHER_SECONDS / 10)
         while True:
             try:
                 outcome = self._done.get_nowait()

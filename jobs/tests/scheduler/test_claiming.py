@@ -174,3 +174,16 @@ def test_a_lost_run_is_retried_only_once_when_max_retries_is_zero(make_job, now)
     JobRun.objects.create(job=job, scheduled_for=now, attempt=2, not_before=now, status="running", worker=dead)
     claiming.recover_lost_runs(now=now, lost_after=30)
     assert not job.runs.filter(attempt=3).exists()
+
+
+def test_claimed_runs_store_times_as_the_orm_does(make_job, now):
+    # Raw SQL must store datetimes in the ORM's format, or exact and range filters would miss.
+    worker = _worker(now)
+    job = make_job(now=now - timedelta(seconds=30), overlap_policy="allow")
+    claiming.fire_due_jobs(now=now)
+    [run] = claiming.claim_runs(worker_id=worker.pk, slots=5, now=now)
+    assert JobRun.objects.filter(pk=run.pk, started_at=now, status="running").exists()
+    assert JobRun.objects.filter(pk=run.pk, scheduled_for=run.scheduled_for, not_before__lte=now).exists()
+    job.refresh_from_db()
+    assert Job.objects.filter(pk=job.pk, next_run_at=job.next_run_at, next_run_at__gt=now).exists()
+    assert run.started_at == now and run.job.pk == job.pk and run.worker_id == worker.pk
