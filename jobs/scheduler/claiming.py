@@ -250,55 +250,104 @@ def _queue_index() -> str:
     return f" INDEXED BY {connection.ops.quote_name(QUEUE_INDEX)}"
 
 
+def _claim_sql(*, worker_id: int, slots: int, now: datetime, returning: str) -> tuple[str, list[Any]]:
+    """An `UPDATE ... RETURNING` that marks the oldest ready runs, up to `slots`, as running here.
+
+    On PostgreSQL its subquery skips rows other schedulers hold locked. Status literals are
+    written into the SQL so that SQLite can use the partial queue index.
+    """
+    runs_table = connection.ops.quote_name(JobRun._meta.db_table)
+    lock = " FOR UPDATE SKIP LOCKED" if connection.features.has_select_for_update_skip_locked else ""
+    at = connection.ops.adapt_datetimefield_value(now)
+    sql = (
+        f"UPDATE {runs_table} SET status = '{JobRun.Status.RUNNING}', started_at = %s, worker_id = %s "
+        f"WHERE id IN (SELECT id FROM {runs_table}{_queue_index()} WHERE status = '{JobRun.Status.QUEUED}' "
+        f"AND not_before <= %s ORDER BY not_before, id LIMIT %s{lock}) RETURNING {returning}"
+    )
+    return sql, [at, worker_id, at, slots]
+
+
+def _with_jobs(runs: list[JobRun], jobs: list[Job]) -> list[JobRun]:
+    by_id = {job.pk: job for job in jobs}
+    for run in runs:
+        run.job = by_id[run.job_id]
+    runs.sort(key=lambda run: (run.not_before, run.pk))
+    return runs
+
+
 def claim_runs(*, worker_id: int, slots: int, now: datetime) -> list[JobRun]:
     """Mark up to `slots` ready runs as running on this worker and return them with their jobs.
 
-    The oldest ready runs are picked by a subquery of an `UPDATE ... RETURNING`; on PostgreSQL
-    it skips rows other schedulers hold locked, and the jobs are joined in the same statement,
-    so a claim is one round trip and needs no transaction of its own. SQLite reads the jobs
-    with a second statement in the same (IMMEDIATE) transaction. Status literals are written
-    into the SQL so that SQLite can use the partial queue index.
+    PostgreSQL joins the jobs in the same statement, so a claim is one round trip and needs no
+    transaction of its own. SQLite reads the jobs with a second statement in the same
+    (IMMEDIATE) transaction.
     """
     if slots <= 0:
         return []
-    runs_table = connection.ops.quote_name(JobRun._meta.db_table)
-    jobs_table = connection.ops.quote_name(Job._meta.db_table)
     run_columns = _columns(JobRun)
-    claim = (
-        f"UPDATE {runs_table} SET status = '{JobRun.Status.RUNNING}', started_at = %s, worker_id = %s "
-        f"WHERE id IN (SELECT id FROM {runs_table}{_queue_index()} WHERE status = '{JobRun.Status.QUEUED}' "
-        f"AND not_before <= %s ORDER BY not_before, id LIMIT %s{{lock}}) RETURNING {{returning}}"
-    )
-    at = connection.ops.adapt_datetimefield_value(now)
-    params = [at, worker_id, at, slots]
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
-            claimed = ", ".join(f"claimed.{column}" for column in run_columns)
-            job = ", ".join(f"job.{column}" for column in _columns(Job))
-            cursor.execute(
-                f"WITH claimed AS ({claim.format(lock=' FOR UPDATE SKIP LOCKED', returning='*')}) "
-                f"SELECT {claimed}, {job} FROM claimed JOIN {jobs_table} AS job ON job.id = claimed.job_id",
-                params,
-            )
+            claim, params = _claim_sql(worker_id=worker_id, slots=slots, now=now, returning="*")
+            cursor.execute(f"WITH claimed AS ({claim}) {_claimed_with_jobs()}", params)
             rows = cursor.fetchall()
-            runs = _instances(JobRun, rows)
-            jobs = {job.pk: job for job in _instances(Job, rows, offset=len(run_columns))}
-        else:
-            with transaction.atomic(savepoint=False):
-                cursor.execute(claim.format(lock="", returning=", ".join(run_columns)), params)
-                runs = _instances(JobRun, cursor.fetchall())
-                if not runs:
-                    return []
-                job_ids = sorted({run.job_id for run in runs})
-                cursor.execute(
-                    f"SELECT {', '.join(_columns(Job))} FROM {jobs_table} WHERE id IN ({_placeholders(len(job_ids))})",
-                    job_ids,
-                )
-                jobs = {job.pk: job for job in _instances(Job, cursor.fetchall())}
-    for run in runs:
-        run.job = jobs[run.job_id]
-    runs.sort(key=lambda run: (run.not_before, run.pk))
-    return runs
+            return _with_jobs(_instances(JobRun, rows), _instances(Job, rows, offset=len(run_columns)))
+        with transaction.atomic(savepoint=False):
+            claim, params = _claim_sql(worker_id=worker_id, slots=slots, now=now, returning=", ".join(run_columns))
+            cursor.execute(claim, params)
+            runs = _instances(JobRun, cursor.fetchall())
+            if not runs:
+                return []
+            job_ids = sorted({run.job_id for run in runs})
+            jobs_table = connection.ops.quote_name(Job._meta.db_table)
+            cursor.execute(
+                f"SELECT {', '.join(_columns(Job))} FROM {jobs_table} WHERE id IN ({_placeholders(len(job_ids))})",
+                job_ids,
+            )
+            return _with_jobs(runs, _instances(Job, cursor.fetchall()))
+
+
+def _claimed_with_jobs(prefix: str = "") -> str:
+    """PostgreSQL: select the `claimed` CTE's runs joined to their jobs, after `prefix` columns.
+
+    With a prefix the statement returns one row even when nothing was claimed (run and job
+    columns then NULL), so the prefix is always read.
+    """
+    jobs_table = connection.ops.quote_name(Job._meta.db_table)
+    columns = ", ".join(
+        [
+            *([prefix] if prefix else []),
+            *(f"claimed.{column}" for column in _columns(JobRun)),
+            *(f"job.{column}" for column in _columns(Job)),
+        ]
+    )
+    joined = f"claimed JOIN {jobs_table} AS job ON job.id = claimed.job_id"
+    if not prefix:
+        return f"SELECT {columns} FROM {joined}"
+    return f"SELECT {columns} FROM (SELECT 1) AS one LEFT JOIN ({joined}) ON true"
+
+
+def record_and_claim(
+    write_back: tuple[str, list[Any]], *, worker_id: int, slots: int, now: datetime
+) -> tuple[set[int], list[JobRun]]:
+    """PostgreSQL: write outcomes back and claim runs for the free slots in one statement.
+
+    `write_back` is `runner.write_back_ctes(...)`: CTEs whose `recorded` names the runs they
+    wrote. One statement is one round trip and one commit, where separate ones cost two.
+    Return the ids written and the runs claimed, with their jobs.
+    """
+    ctes, write_params = write_back
+    claim, claim_params = _claim_sql(worker_id=worker_id, slots=slots, now=now, returning="*")
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"WITH {ctes}, claimed AS ({claim}) "
+            + _claimed_with_jobs("(SELECT array_agg(id) FROM recorded) AS recorded_ids"),
+            [*write_params, *claim_params],
+        )
+        rows = cursor.fetchall()
+    recorded = set(rows[0][0] or []) if rows else set()
+    claimed = [row for row in rows if row[1] is not None]
+    runs = _instances(JobRun, claimed, offset=1)
+    return recorded, _with_jobs(runs, _instances(Job, claimed, offset=1 + len(_columns(JobRun))))
 
 
 def _aware(value: datetime | str | None) -> datetime | None:

@@ -18,7 +18,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -309,15 +308,30 @@ class Engine:
         if not (self._unrecorded or claim or fire):
             return report
         runs: list[Any] = []
-        # SQLite: one IMMEDIATE transaction for the whole pass is cheaper than one per step.
-        # PostgreSQL: recording and claiming are single statements, atomic on their own, so
-        # an outer transaction would only add BEGIN and COMMIT round trips.
-        with transaction.atomic() if connection.vendor == "sqlite" else nullcontext():
-            accepted = runner.record_outcomes(self._unrecorded, worker_id=self.process.pk)
+        worker_id = self.process.pk
+        if connection.vendor == "sqlite":
+            # One IMMEDIATE transaction for the whole pass is cheaper than one per step.
+            with transaction.atomic():
+                accepted = runner.record_outcomes(self._unrecorded, worker_id=worker_id)
+                if fire:
+                    report = claiming.fire_due_jobs(now=self.clock())
+                if claim:
+                    runs = claiming.claim_runs(worker_id=worker_id, slots=free, now=self.clock())
+        else:
+            # PostgreSQL: each step is atomic on its own, and writing back and claiming share one
+            # statement (one round trip, one commit) unless retries must be queued with the write.
             if fire:
                 report = claiming.fire_due_jobs(now=self.clock())
-            if claim:
-                runs = claiming.claim_runs(worker_id=self.process.pk, slots=free, now=self.clock())
+            if claim and self._unrecorded and not any(map(runner.wants_retry, self._unrecorded)):
+                write_back = runner.write_back_ctes(self._unrecorded, worker_id=worker_id)
+                recorded, runs = claiming.record_and_claim(
+                    write_back, worker_id=worker_id, slots=free, now=self.clock()
+                )
+                accepted = runner.accepted_outcomes(self._unrecorded, recorded)
+            else:
+                accepted = runner.record_outcomes(self._unrecorded, worker_id=worker_id)
+                if claim:
+                    runs = claiming.claim_runs(worker_id=worker_id, slots=free, now=self.clock())
         self._unrecorded = []
         self._log_finished(accepted)
         sink.extend(accepted)

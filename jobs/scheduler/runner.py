@@ -105,47 +105,82 @@ def _case(field_name: str, model: type[Job] | type[JobRun], values: dict[int, An
     return sql, params
 
 
-def _finish_runs(outcomes: list[Outcome], worker_id: int) -> set[int]:
-    """Write the outcomes with one fenced UPDATE; return the ids of the runs it changed.
+_OUTCOME_COLUMNS = "run_id, new_status, new_finished_at, new_result, new_error"
 
-    On PostgreSQL the same statement also shows each job's latest run on the job (a
-    data-modifying CTE), so a batch is one round trip; SQLite does that in `_set_last_runs`.
-    """
-    runs_table = connection.ops.quote_name(JobRun._meta.db_table)
-    jobs_table = connection.ops.quote_name(Job._meta.db_table)
-    postgres = connection.vendor == "postgresql"
+
+def _outcome_values(outcomes: list[Outcome], *, cast: bool) -> tuple[str, list[Any]]:
+    """`VALUES` rows of (run id, status, finished_at, result, error); typed where PostgreSQL needs it."""
     fields = [JobRun._meta.get_field(name) for name in ("status", "finished_at", "result", "error")]
-    cells = ["%s"] + [f"CAST(%s AS {field.db_type(connection)})" if postgres else "%s" for field in fields]
+    cells = ["%s"] + [f"CAST(%s AS {field.db_type(connection)})" if cast else "%s" for field in fields]
     row = f"({', '.join(cells)})"
     params: list[Any] = []
     for outcome in outcomes:
         params.append(outcome.run.pk)
         params += [field.get_db_prep_save(getattr(outcome, field.name), connection) for field in fields]
-    finish = (
+    return ", ".join([row] * len(outcomes)), params
+
+
+def _finish_sql() -> str:
+    """The fenced UPDATE of runs from the `outcome` rows; it returns what each job's last run needs."""
+    runs_table = connection.ops.quote_name(JobRun._meta.db_table)
+    return (
         f"UPDATE {runs_table} SET status = outcome.new_status, finished_at = outcome.new_finished_at, "
         "result = outcome.new_result, error = outcome.new_error FROM outcome "
         f"WHERE id = outcome.run_id AND status = '{JobRun.Status.RUNNING}' AND worker_id = %s "
         "RETURNING id, job_id, COALESCE(started_at, finished_at) AS started_at, status"
     )
+
+
+def write_back_ctes(outcomes: list[Outcome], *, worker_id: int) -> tuple[str, list[Any]]:
+    """PostgreSQL: common table expressions that write `outcomes` back, fenced, and show each
+    job's latest run on the job; the ids of the runs written are in the one named `recorded`.
+
+    Data-modifying CTEs run to completion whatever the statement selects, so the engine can
+    put a claim in the same statement (`claiming.record_and_claim`).
+    """
+    jobs_table = connection.ops.quote_name(Job._meta.db_table)
+    values, params = _outcome_values(outcomes, cast=True)
     sql = (
-        "WITH outcome (run_id, new_status, new_finished_at, new_result, new_error) AS "
-        f"(VALUES {', '.join([row] * len(outcomes))}) "
+        f"outcome ({_OUTCOME_COLUMNS}) AS (VALUES {values}), recorded AS ({_finish_sql()}), "
+        "latest AS (SELECT DISTINCT ON (job_id) job_id, started_at, status FROM recorded "
+        "ORDER BY job_id, started_at DESC, id DESC), "
+        f"shown AS (UPDATE {jobs_table} AS job SET last_run_at = latest.started_at, "
+        "last_run_status = latest.status FROM latest WHERE job.id = latest.job_id "
+        "AND (job.last_run_at IS NULL OR job.last_run_at <= latest.started_at) RETURNING job.id)"
     )
-    if postgres:
-        sql += (
-            f", finished AS ({finish}), "
-            "latest AS (SELECT DISTINCT ON (job_id) job_id, started_at, status FROM finished "
-            "ORDER BY job_id, started_at DESC, id DESC), "
-            f"shown AS (UPDATE {jobs_table} AS job SET last_run_at = latest.started_at, "
-            "last_run_status = latest.status FROM latest WHERE job.id = latest.job_id "
-            "AND (job.last_run_at IS NULL OR job.last_run_at <= latest.started_at) RETURNING job.id) "
-            "SELECT id FROM finished"
-        )
+    return sql, [*params, worker_id]
+
+
+def _finish_runs(outcomes: list[Outcome], worker_id: int) -> set[int]:
+    """Write the outcomes with one fenced UPDATE; return the ids of the runs it changed.
+
+    On PostgreSQL the same statement also shows each job's latest run on the job, so a batch
+    is one round trip; SQLite does that in `_set_last_runs`.
+    """
+    if connection.vendor == "postgresql":
+        ctes, params = write_back_ctes(outcomes, worker_id=worker_id)
+        sql = f"WITH {ctes} SELECT id FROM recorded"
     else:
-        sql += finish
+        values, params = _outcome_values(outcomes, cast=False)
+        sql = f"WITH outcome ({_OUTCOME_COLUMNS}) AS (VALUES {values}) {_finish_sql()}"
+        params.append(worker_id)
     with connection.cursor() as cursor:
-        cursor.execute(sql, [*params, worker_id])
+        cursor.execute(sql, params)
         return {row[0] for row in cursor.fetchall()}
+
+
+def accepted_outcomes(outcomes: list[Outcome], recorded: set[int]) -> list[Outcome]:
+    """The outcomes whose runs were written; a warning for each one the fence refused."""
+    for outcome in outcomes:
+        if outcome.run.pk not in recorded:
+            logger.warning(
+                "outcome discarded job=%s run=%s status=%s: the run is no longer held by this scheduler",
+                outcome.run.job_id,
+                outcome.run.pk,
+                outcome.status,
+                extra={"job_id": outcome.run.job_id, "run_id": outcome.run.pk},
+            )
+    return [outcome for outcome in outcomes if outcome.run.pk in recorded]
 
 
 def _set_last_runs(outcomes: list[Outcome]) -> None:
@@ -169,7 +204,8 @@ def _set_last_runs(outcomes: list[Outcome]) -> None:
         )
 
 
-def _wants_retry(outcome: Outcome) -> bool:
+def wants_retry(outcome: Outcome) -> bool:
+    """Whether a retry is due for this outcome (a failure with attempts left)."""
     failed = outcome.status in (JobRun.Status.FAILED, JobRun.Status.TIMED_OUT)
     return failed and outcome.run.attempt <= outcome.run.job.max_retries
 
@@ -186,12 +222,12 @@ def record_outcomes(outcomes: Iterable[Outcome], *, worker_id: int) -> list[Outc
     outcomes = list(outcomes)
     if not outcomes:
         return []
-    retry = [outcome for outcome in outcomes if _wants_retry(outcome)]
+    retry = [outcome for outcome in outcomes if wants_retry(outcome)]
     one_statement = connection.vendor == "postgresql" and not retry
     # A single statement is atomic by itself: no transaction, so no BEGIN and COMMIT round trips.
     with nullcontext() if one_statement else transaction.atomic(savepoint=False):
         finished = _finish_runs(outcomes, worker_id)
-        accepted = [outcome for outcome in outcomes if outcome.run.pk in finished]
+        accepted = accepted_outcomes(outcomes, finished)
         if accepted and connection.vendor != "postgresql":
             _set_last_runs(accepted)
         retries = [
@@ -207,13 +243,4 @@ def record_outcomes(outcomes: Iterable[Outcome], *, worker_id: int) -> list[Outc
         ]
         if retries:
             JobRun.objects.bulk_create(retries, ignore_conflicts=True)
-    for outcome in outcomes:
-        if outcome.run.pk not in finished:
-            logger.warning(
-                "outcome discarded job=%s run=%s status=%s: the run is no longer held by this scheduler",
-                outcome.run.job_id,
-                outcome.run.pk,
-                outcome.status,
-                extra={"job_id": outcome.run.job_id, "run_id": outcome.run.pk},
-            )
     return accepted

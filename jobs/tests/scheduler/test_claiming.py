@@ -187,3 +187,41 @@ def test_claimed_runs_store_times_as_the_orm_does(make_job, now):
     job.refresh_from_db()
     assert Job.objects.filter(pk=job.pk, next_run_at=job.next_run_at, next_run_at__gt=now).exists()
     assert run.started_at == now and run.job.pk == job.pk and run.worker_id == worker.pk
+
+
+@pytest.mark.postgres
+def test_postgres_records_outcomes_and_claims_in_one_statement(make_job, now):
+    from django.test.utils import CaptureQueriesContext
+
+    from jobs.scheduler import runner
+
+    worker = _worker(now)
+    jobs = [make_job(now=now - timedelta(seconds=30), overlap_policy="allow", name=f"j{i}") for i in range(5)]
+    claiming.fire_due_jobs(now=now)
+    first = claiming.claim_runs(worker_id=worker.pk, slots=3, now=now)
+    # The third was presumed lost meanwhile: the fence must refuse its outcome.
+    JobRun.objects.filter(pk=first[2].pk).update(status="lost")
+    later = now + timedelta(seconds=2)
+    outcomes = [
+        runner.Outcome(first[0], "succeeded", later, result={"n": 1}),
+        runner.Outcome(first[1], "failed", later, error="boom"),
+        runner.Outcome(first[2], "succeeded", later),
+    ]
+    write_back = runner.write_back_ctes(outcomes, worker_id=worker.pk)
+    with CaptureQueriesContext(connection) as captured:
+        recorded, claimed = claiming.record_and_claim(write_back, worker_id=worker.pk, slots=5, now=later)
+    assert len(captured.captured_queries) == 1
+    assert recorded == {first[0].pk, first[1].pk}
+    assert len(claimed) == 2 and {run.job_id for run in claimed} <= {job.pk for job in jobs}
+    assert all(run.status == "running" and run.started_at == later and run.job.pk == run.job_id for run in claimed)
+    rows = {run.pk: run for run in JobRun.objects.all()}
+    assert (rows[first[0].pk].status, rows[first[0].pk].result) == ("succeeded", {"n": 1})
+    assert (rows[first[1].pk].status, rows[first[1].pk].error) == ("failed", "boom")
+    assert rows[first[2].pk].status == "lost"
+    assert Job.objects.get(pk=first[1].job_id).last_run_status == "failed"
+    # Nothing left to claim: the ids written still come back.
+    done = [runner.Outcome(run, "succeeded", later) for run in claimed]
+    recorded, claimed = claiming.record_and_claim(
+        runner.write_back_ctes(done, worker_id=worker.pk), worker_id=worker.pk, slots=5, now=later
+    )
+    assert recorded == {outcome.run.pk for outcome in done} and claimed == []
