@@ -260,6 +260,10 @@ class Engine:
                 SchedulerProcess.objects.filter(pk=self.process.pk).update(stopped_at=self.clock())
         except DatabaseError:
             logger.exception("could not record shutdown")
+        if self._listener is not None:
+            self._listener.join(timeout=2.0)
+        if not connection.in_atomic_block:
+            connection.close()  # this thread's connection; nothing else will close it
         logger.info("scheduler %s stopped", self.process)
 
     # -- one pass ------------------------------------------------------------------------------

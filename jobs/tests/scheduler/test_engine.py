@@ -132,3 +132,55 @@ def test_burst_query_count_is_small(make_job, engine_factory, now, max_concurren
     batches = [sql for sql in rest if sql.startswith("WITH outcome")]
     assert 1 <= len(batches) <= max_concurrent
     assert len(rest) == len(notify) + len(batches) * (1 if postgres else 2), rest
+
+
+def test_a_hung_run_keeps_its_thread_and_the_same_engine_runs_the_next(make_job, engine_factory, now):
+    make_job(now=now - timedelta(seconds=30), job_type="test_hang", timeout_seconds=1, name="hangs")
+    engine = engine_factory(max_concurrent=1, max_sleep=0)  # every pass looks for due jobs
+    assert [o.status for o in engine.run_once()] == ["timed_out"]
+    # The hung thread cannot be killed; the slot it held must still be usable.
+    make_job(now=now - timedelta(seconds=30), timeout_seconds=5, name="next")
+    started = time.monotonic()
+    assert [(o.run.job.name, o.status) for o in engine.run_once()] == [("next", "succeeded")]
+    assert time.monotonic() - started < 2
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_lost_database_connection_loses_no_outcome(make_job, caplog):
+    import threading
+
+    from django.db import connections
+    from django.utils import timezone
+
+    from jobs.scheduler.engine import Engine
+
+    job = make_job(
+        now=timezone.now() - timedelta(seconds=61), job_type="test_sleep", parameters={"seconds": 1.5}, name="sleeps"
+    )
+    engine = Engine(max_concurrent=1, max_sleep=0.2, heartbeat_seconds=3600)
+    loop = threading.Thread(target=engine.run_forever, daemon=True)
+    loop.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not JobRun.objects.filter(job=job, status="running").exists():
+            assert time.monotonic() < deadline, "the run never started"
+            time.sleep(0.05)
+        # Cut every other connection to the test database, the engine's among them, mid-run.
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            assert cursor.fetchall()
+        while not JobRun.objects.filter(job=job).exclude(status__in=JobRun.ACTIVE).exists():
+            assert time.monotonic() < deadline + 10, "the outcome was never written"
+            time.sleep(0.05)
+    finally:
+        engine.request_stop()
+        loop.join(10)
+        connections.close_all()
+    run = JobRun.objects.get(job=job)
+    assert run.status == "succeeded" and run.result == {"slept": 1.5}
+    assert Job.objects.get(pk=job.pk).last_run_status == "succeeded"
+    assert "database error in the scheduler loop" in caplog.text
