@@ -185,10 +185,25 @@ def fire_due_jobs(*, now: datetime, limit: int = FIRE_BATCH) -> FireReport:
         planned: list[_Planned] = []
         advanced: dict[datetime | None, list[int]] = {}
         for job in jobs:
-            fires, following = _fires_until(job, now)
+            try:
+                fires, following = _fires_until(job, now)
+            except schedule.CronError as exc:
+                # Saved past the validation (a raw UPDATE, a time zone gone from tzdata): this job
+                # stops firing until it is edited, and must not stop the others.
+                logger.error(
+                    "job %s not fired: its schedule %r in %s cannot be computed (%s); it will not fire until edited",
+                    job.id,
+                    job.cron_expression,
+                    job.timezone,
+                    exc,
+                    extra={"job_id": job.id},
+                )
+                advanced.setdefault(None, []).append(job.id)
+                continue
             planned.extend(_plan_runs(job, fires, now, job.active))
             advanced.setdefault(following, []).append(job.id)
-        _insert_runs(planned, now)
+        if planned:
+            _insert_runs(planned, now)
         # Jobs on the same schedule share their next fire time: one UPDATE per distinct time.
         for following, ids in advanced.items():
             cursor.execute(

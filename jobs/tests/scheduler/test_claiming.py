@@ -225,3 +225,17 @@ def test_postgres_records_outcomes_and_claims_in_one_statement(make_job, now):
         runner.write_back_ctes(done, worker_id=worker.pk), worker_id=worker.pk, slots=5, now=later
     )
     assert recorded == {outcome.run.pk for outcome in done} and claimed == []
+
+
+def test_a_job_whose_schedule_cannot_be_computed_stops_alone(make_job, now, caplog):
+    broken = make_job(now=now - timedelta(seconds=30), name="broken")
+    healthy = make_job(now=now - timedelta(seconds=30), name="healthy")
+    # Past the services' validation, as a raw UPDATE or a time zone removed from tzdata would be.
+    Job.objects.filter(pk=broken.pk).update(timezone="Mars/Olympus_Mons")
+    report = claiming.fire_due_jobs(now=now)
+    assert report.queued == 1 and list(JobRun.objects.values_list("job_id", flat=True)) == [healthy.pk]
+    broken.refresh_from_db()
+    assert broken.next_run_at is None
+    assert f"job {broken.pk} not fired" in caplog.text and "Mars/Olympus_Mons" in caplog.text
+    # It is not due again, so it cannot block later passes either.
+    assert claiming.fire_due_jobs(now=now + timedelta(minutes=1)).jobs == 1
