@@ -30,7 +30,7 @@ from jobs.models import SchedulerProcess
 from jobs.retention import prune_runs
 
 from . import claiming, runner
-from .notify import CHANNEL, notify_schedulers
+from .notify import CHANNEL, CommitWatcher, notify_schedulers
 
 logger = logging.getLogger("jobs.scheduler")
 
@@ -38,6 +38,8 @@ PRUNE_EVERY_SECONDS = 600.0
 # When one run finishes while others are in flight, wait this long for them too, so that
 # short runs finishing together are written back (and their slots refilled) in one go.
 GATHER_SECONDS = 0.001
+# SQLite has no NOTIFY: this often, an idle scheduler asks whether another process committed.
+WATCH_SECONDS = 0.25
 
 
 @dataclass
@@ -164,6 +166,8 @@ class Engine:
         self._poll_at = 0.0  # time.monotonic() of the next look regardless (SQLite has no NOTIFY)
         self._check_at: datetime | None = None  # earliest known next fire or queued run
         self._backlog = False  # the last claim filled every free slot, so more may be waiting
+        self._watcher = CommitWatcher() if connection.vendor == "sqlite" else None
+        self._watch_at = 0.0  # time.monotonic() of the next ask
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -276,6 +280,10 @@ class Engine:
         if self._stopping:
             self._write(sink)
             return
+        if self._watcher is not None and time.monotonic() >= self._watch_at:
+            self._watch_at = time.monotonic() + WATCH_SECONDS
+            if self._watcher.changed():
+                self._notified = True  # another process (the web, a scheduler) wrote something
         now = self.clock()
         look = (
             self._notified
@@ -443,6 +451,8 @@ class Engine:
         timeout = min(self._poll_at - now_mono, self._next_heartbeat - now_mono)
         if self._inflight:
             timeout = min(timeout, min(item.deadline for item in self._inflight.values()) - now_mono)
+        if self._watcher is not None:
+            timeout = min(timeout, self._watch_at - now_mono)
         free = len(self._inflight) < self.max_concurrent
         if self._check_at is None:
             # Once per look, not after every finished run.

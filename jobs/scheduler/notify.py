@@ -1,4 +1,8 @@
-"""Wake sleeping schedulers at once when jobs or runs change (PostgreSQL LISTEN/NOTIFY)."""
+"""Wake sleeping schedulers soon after jobs or runs change.
+
+PostgreSQL: NOTIFY on a channel the schedulers LISTEN to. SQLite has no NOTIFY; a scheduler asks
+`PRAGMA data_version`, which changes when another connection commits, a few times a second.
+"""
 
 from __future__ import annotations
 
@@ -20,3 +24,22 @@ def notify_schedulers() -> None:
     except DatabaseError:
         # The change is committed; the schedulers will still see it on their next pass.
         logger.warning("could not notify schedulers", exc_info=True)
+
+
+class CommitWatcher:
+    """SQLite: tell whether another connection has committed since the last look.
+
+    `PRAGMA data_version` reads a counter in the database's shared memory, so asking costs
+    microseconds and no I/O. The first call, and the first after a reconnect, says False.
+    """
+
+    def __init__(self) -> None:
+        self._last: int | None = None
+
+    def changed(self) -> bool:
+        with connection.cursor() as cursor:
+            cursor.execute("PRAGMA data_version")
+            version = cursor.fetchone()[0]
+        changed = self._last is not None and version != self._last
+        self._last = version
+        return changed

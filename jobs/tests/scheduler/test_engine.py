@@ -117,6 +117,10 @@ def test_burst_query_count_is_small(make_job, engine_factory, now, max_concurren
     statements = [q["sql"] for q in captured.captured_queries if not q["sql"].startswith(("SAVEPOINT", "RELEASE"))]
     statements = [sql for sql in statements if not sql.startswith("BEGIN")]
     postgres = connection.vendor == "postgresql"
+    # SQLite: the pass first asks whether another process committed (no NOTIFY there).
+    watch = [sql for sql in statements if sql == "PRAGMA data_version"]
+    assert len(watch) == (0 if postgres else 1)
+    statements = [sql for sql in statements if sql not in watch]
     # Fire the 20 jobs: select them, insert their runs, advance them (3, whatever their number).
     fire, rest = statements[:3], statements[3:]
     assert [sql.split()[0] for sql in fire] == ["SELECT", "INSERT", "UPDATE"], fire
