@@ -1,0 +1,43 @@
+"""/health with the database unreachable: a real process, a real refused connection."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+PROBE = """
+import django, json
+django.setup()
+from django.test import Client
+from django.test.utils import setup_test_environment
+setup_test_environment()  # allows the test client's host, as pytest-django does
+response = Client().get("/health")
+print(json.dumps({"status": response.status_code, "body": response.json()}))
+"""
+
+
+def test_health_is_503_without_naming_the_database_when_it_is_unreachable() -> None:
+    # Nothing listens on port 1 of the loopback: the connection is refused at once.
+    unreachable = "postgres://secret_user@127.0.0.1:1/secret_db"
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "jobs.tests.settings",
+        "DATABASE_URL": unreachable,
+        "ENV_FILE": os.devnull,
+        "LOG_LEVEL": "critical",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert answer["status"] == 503
+    body = answer["body"]
+    assert body["status"] == "unhealthy"
+    assert body["database"] == {"vendor": "postgresql", "ok": False, "error": "OperationalError"}
+    assert "secret" not in done.stdout
