@@ -165,6 +165,8 @@ class Engine:
         self._notified = False  # a NOTIFY said jobs or runs changed elsewhere
         self._poll_at = 0.0  # time.monotonic() of the next look regardless (SQLite has no NOTIFY)
         self._check_at: datetime | None = None  # earliest known next fire or queued run
+        self._check_stale = True  # _check_at must be read again before sleeping
+        self._check_has_queue = False  # it took queued runs into account
         self._backlog = False  # the last claim filled every free slot, so more may be waiting
         self._watcher = CommitWatcher() if connection.vendor == "sqlite" else None
         self._watch_at = 0.0  # time.monotonic() of the next ask
@@ -297,6 +299,7 @@ class Engine:
         self._notified = False
         self._poll_at = time.monotonic() + self.max_sleep
         self._check_at = None
+        self._check_stale = True
         report = self._write(sink, claim=True, fire=True)
         queued = report.queued
         while report.jobs >= claiming.FIRE_BATCH:
@@ -348,7 +351,7 @@ class Engine:
         self._log_finished(accepted)
         sink.extend(accepted)
         if any(outcome.status != "succeeded" for outcome in accepted):
-            self._check_at = None  # a retry may now be queued; look for it when it is due
+            self._check_stale = True  # a retry may now be queued; look for it when it is due
         if claim:
             # A full claim means more runs may be waiting.
             self._backlog = len(runs) == free
@@ -454,9 +457,12 @@ class Engine:
         if self._watcher is not None:
             timeout = min(timeout, self._watch_at - now_mono)
         free = len(self._inflight) < self.max_concurrent
-        if self._check_at is None:
-            # Once per look, not after every finished run.
-            self._check_at = claiming.next_wakeup(include_queue=free and not self._backlog)
+        include_queue = free and not self._backlog
+        if self._check_stale or (include_queue and not self._check_has_queue):
+            # Once per look (or when a slot frees for queued runs), not after every finished run:
+            # changes made elsewhere arrive by NOTIFY, the commit watcher or the poll.
+            self._check_at = claiming.next_wakeup(include_queue=include_queue)
+            self._check_stale, self._check_has_queue = False, include_queue
         if self._check_at is not None:
             timeout = min(timeout, (self._check_at - self.clock()).total_seconds())
         # A floor, so a due row locked by another scheduler cannot make this loop spin.
