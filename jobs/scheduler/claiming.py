@@ -58,6 +58,12 @@ class _DueJob(NamedTuple):
     active: bool  # it has a queued or running run
 
 
+def _due_job(row: tuple[Any, ...]) -> _DueJob:
+    next_run_at = _aware(row[3])
+    assert next_run_at is not None  # selected by next_run_at <= now
+    return _DueJob(row[0], row[1], row[2], next_run_at, row[4], row[5], row[6], bool(row[7]))
+
+
 @dataclass(slots=True)
 class _Planned:
     """A run to insert for one fire: queued, or skipped with its reason."""
@@ -72,7 +78,7 @@ class _Planned:
 def _fires_until(job: _DueJob, now: datetime) -> tuple[list[datetime], datetime | None]:
     """Return the job's fire times up to `now` (capped) and its next fire time after them."""
     fires: list[datetime] = []
-    current = job.next_run_at
+    current: datetime | None = job.next_run_at
     while current is not None and current <= now:
         if len(fires) >= MAX_FIRES_COUNTED:
             return fires, schedule.next_fire_after(job.cron_expression, job.timezone, now)
@@ -179,7 +185,7 @@ def fire_due_jobs(*, now: datetime, limit: int = FIRE_BATCH) -> FireReport:
             f"ORDER BY next_run_at, id LIMIT %s{lock}",
             [adapt(now), limit],
         )
-        jobs = [_DueJob(*row[:3], _aware(row[3]), *row[4:7], bool(row[7])) for row in cursor.fetchall()]
+        jobs = [_due_job(row) for row in cursor.fetchall()]
         if not jobs:
             return report
         planned: list[_Planned] = []
@@ -234,7 +240,12 @@ def _loader(model: type[Model], vendor: str) -> tuple[list[str], list[tuple[int,
     del vendor  # part of the cache key: converters differ per database
     columns = [field.get_col(model._meta.db_table) for field in model._meta.concrete_fields]
     converters = [
-        (index, column, [*connection.ops.get_db_converters(column), *column.field.get_db_converters(connection)])
+        (
+            index,
+            column,
+            # django-stubs does not declare Field.get_db_converters (Django has it since 1.8).
+            [*connection.ops.get_db_converters(column), *column.field.get_db_converters(connection)],  # type: ignore[attr-defined]
+        )
         for index, column in enumerate(columns)
     ]
     return [field.attname for field in model._meta.concrete_fields], [item for item in converters if item[2]]

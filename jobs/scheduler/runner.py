@@ -14,6 +14,7 @@ from typing import Any
 
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connection, transaction
+from django.db.models import Field
 from django.utils import timezone
 
 from jobs.conf import get
@@ -93,9 +94,15 @@ def retry_delay(job: Job, attempt: int, *, rng: random.Random | None = None) -> 
     return base / 2 + (rng or random).uniform(0, base / 2)
 
 
+def _field(model: type[Job] | type[JobRun], name: str) -> Field[Any, Any]:
+    field = model._meta.get_field(name)
+    assert isinstance(field, Field)
+    return field
+
+
 def _case(field_name: str, model: type[Job] | type[JobRun], values: dict[int, Any]) -> tuple[str, list[Any]]:
     """`CASE id WHEN ... END` giving each row its own value (cast where PostgreSQL needs it)."""
-    field = model._meta.get_field(field_name)
+    field = _field(model, field_name)
     sql = "CASE id " + " ".join(["WHEN %s THEN %s"] * len(values)) + " END"
     if connection.features.requires_casted_case_in_updates:
         sql = f"CAST({sql} AS {field.db_type(connection)})"
@@ -110,7 +117,7 @@ _OUTCOME_COLUMNS = "run_id, new_status, new_finished_at, new_result, new_error"
 
 def _outcome_values(outcomes: list[Outcome], *, cast: bool) -> tuple[str, list[Any]]:
     """`VALUES` rows of (run id, status, finished_at, result, error); typed where PostgreSQL needs it."""
-    fields = [JobRun._meta.get_field(name) for name in ("status", "finished_at", "result", "error")]
+    fields = [_field(JobRun, name) for name in ("status", "finished_at", "result", "error")]
     cells = ["%s"] + [f"CAST(%s AS {field.db_type(connection)})" if cast else "%s" for field in fields]
     row = f"({', '.join(cells)})"
     params: list[Any] = []
