@@ -24,7 +24,7 @@ import re
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -244,7 +244,7 @@ def in_process_burst(args: argparse.Namespace, log_path: Path) -> dict[str, Any]
     start, end = due.timestamp(), (seen_done[0] if seen_done else time.time())
     during = [(seconds, sql) for at, seconds, sql in statements if start <= at <= end]
     kinds = Counter(statement_kind(sql) for _, sql in during)
-    kind_seconds: Counter[str] = Counter()
+    kind_seconds: defaultdict[str, float] = defaultdict(float)
     for seconds, sql in during:
         kind_seconds[statement_kind(sql)] += seconds
     sql_seconds = sum(seconds for seconds, _ in during)

@@ -136,7 +136,7 @@ def scan_plans(vendor: str) -> dict[str, str]:
         .order_by("next_run_at")
         .values_list("next_run_at", flat=True)[:1],
     }
-    options = {"analyze": True} if vendor == "postgres" else {}
+    options: dict[str, Any] = {"analyze": True} if vendor == "postgres" else {}
     plans = {}
     for name, query in scans.items():
         plans[name] = " | ".join(line.strip() for line in query.explain(**options).splitlines())

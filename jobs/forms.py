@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import zoneinfo
 from functools import cache
-from typing import Any
+from typing import Any, cast
 
 from django import forms
 from django.utils.html import format_html, format_html_join
+from django.utils.safestring import SafeString
 
 from . import services
 from .executors import Executor, all_executors
@@ -30,7 +31,7 @@ class TimezoneInput(forms.TextInput):
     def __init__(self, attrs: dict[str, Any] | None = None) -> None:
         super().__init__({"list": "jobs-timezones", "autocomplete": "off", "spellcheck": "false", **(attrs or {})})
 
-    def render(self, name: str, value: Any, attrs: dict[str, Any] | None = None, renderer: Any = None) -> str:
+    def render(self, name: str, value: Any, attrs: dict[str, Any] | None = None, renderer: Any = None) -> SafeString:
         options = format_html_join("", '<option value="{}">', ((zone,) for zone in _timezone_names()))
         return format_html('{}<datalist id="jobs-timezones">{}</datalist>', super().render(name, value, attrs), options)
 
@@ -108,13 +109,14 @@ class JobAdminForm(forms.ModelForm):
         if current and current not in executors:
             # Keep a job whose type was unregistered editable; saving it names the problem.
             choices.append((current, f"{current} (not registered)"))
-        self.fields["job_type"].choices = [("", "---------"), *choices]
+        cast(forms.ChoiceField, self.fields["job_type"]).choices = [("", "---------"), *choices]
         by_type = "; ".join(_parameters_help(executor) for _, executor in sorted(executors.items()))
         model_help = Job._meta.get_field("parameters").help_text
         self.fields["parameters"].help_text = f"{model_help} A JSON object. Fields by type: {by_type}."
 
     def clean(self) -> dict[str, Any]:
-        cleaned_data = super().clean()
+        super().clean()
+        cleaned_data = self.cleaned_data  # what ModelForm.clean() returns; typed without the None
         try:
             values = services.job_clean(
                 cron_expression=cleaned_data.get("cron_expression", ""),

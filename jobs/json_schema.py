@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from rest_framework import serializers
 
@@ -13,7 +13,8 @@ def field_schema(field: serializers.Field) -> dict[str, Any]:
     if isinstance(field, serializers.Serializer):
         return serializer_schema(field)
     if isinstance(field, serializers.ListSerializer):
-        schema = {"type": "array", "items": field_schema(field.child)}
+        # DRF refuses to build a ListSerializer without a child; the stubs allow None.
+        schema = {"type": "array", "items": field_schema(cast(serializers.Field, field.child))}
     elif isinstance(field, serializers.ListField):
         schema = {"type": "array", "items": field_schema(field.child)}
         if getattr(field, "child", None) is not None and isinstance(field.child, serializers.EmailField):

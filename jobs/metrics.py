@@ -54,6 +54,7 @@ class SchedulerCollector(Collector):
         durations: dict[str, list[float]] = {}
         lateness: dict[str, list[float]] = {}
         for job_type, scheduled_for, started_at, finished_at in recent:
+            assert started_at is not None  # the started_at__gte filter leaves out runs not started
             lateness.setdefault(job_type, []).append(max(0.0, (started_at - scheduled_for).total_seconds()))
             if finished_at is not None:
                 durations.setdefault(job_type, []).append((finished_at - started_at).total_seconds())

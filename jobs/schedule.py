@@ -190,7 +190,7 @@ def zone(name: str) -> zoneinfo.ZoneInfo:
         raise CronError(f"{name!r} is not an IANA time zone (for example Europe/Berlin or UTC)") from None
 
 
-def _iterator(cron: Cron, start: datetime) -> croniter:
+def _iterator(cron: Cron, start: datetime) -> croniter[datetime]:
     # 28 years covers every weekday/date combination of the Gregorian calendar's leap cycle.
     return croniter(
         cron.croniter_expression,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from .env import (
     ConfigError,
@@ -191,7 +192,7 @@ SPECTACULAR_SETTINGS = {
     "PREPROCESSING_HOOKS": ["jobs.api.schema.document_paths_without_slash"],
 }
 
-JOBS = {
+JOBS: dict[str, Any] = {
     "MAX_CONCURRENT_JOBS": env_int("MAX_CONCURRENT_JOBS", 5, minimum=1, maximum=1000),
     "RUN_RETENTION_DAYS": env_int("RUN_RETENTION_DAYS", 30, minimum=1),
     "RUN_RETENTION_PER_JOB": env_int("RUN_RETENTION_PER_JOB", 1000, minimum=1),

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import codecs
-from typing import Any
+from collections.abc import Mapping
+from typing import IO, Any
 
 from django.conf import settings
 from rest_framework import exceptions, status
@@ -20,7 +21,9 @@ class RequestTooLarge(exceptions.APIException):
 class JSONParser(DRFJSONParser):
     """DRF's JSON parser, bounded by DATA_UPLOAD_MAX_MEMORY_SIZE and safe against deep nesting."""
 
-    def parse(self, stream: Any, media_type: str | None = None, parser_context: dict[str, Any] | None = None) -> Any:
+    def parse(
+        self, stream: IO[Any], media_type: str | None = None, parser_context: Mapping[str, Any] | None = None
+    ) -> Any:
         parser_context = parser_context or {}
         encoding = parser_context.get("encoding", settings.DEFAULT_CHARSET)
         # DRF reads the stream itself, so Django's own body size limit never applies here.

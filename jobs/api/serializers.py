@@ -81,7 +81,9 @@ class JobRunSerializer(serializers.ModelSerializer):
     lateness_seconds = serializers.FloatField(
         read_only=True, allow_null=True, help_text="How long after scheduled_for the run started."
     )
-    worker = serializers.StringRelatedField(read_only=True, help_text="host:pid of the scheduler that ran it.")
+    worker: serializers.StringRelatedField[SchedulerProcess] = serializers.StringRelatedField(
+        read_only=True, help_text="host:pid of the scheduler that ran it."
+    )
 
     class Meta:
         model = JobRun
@@ -162,7 +164,8 @@ class JsonSchemaField(serializers.DictField):
 
 class JobTypeSerializer(serializers.Serializer):
     name = serializers.CharField()
-    label = serializers.CharField()
+    # DRF's metaclass moves declared fields off the class, so this does not replace Field.label.
+    label = serializers.CharField()  # type: ignore[assignment]
     description = serializers.CharField()
     safe_to_repeat = serializers.BooleanField(help_text="Whether a run lost in a crash is retried.")
     parameters_schema = JsonSchemaField(help_text="JSON Schema of the job type's parameters.")

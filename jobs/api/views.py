@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404
@@ -44,11 +44,12 @@ RUN_FILTER_BACKENDS = [DjangoFilterBackend, OrderingFilter]  # runs have no text
 class RunNowThrottle(ScopedRateThrottle):
     """Throttle run-now per user at the `run_now` rate of DEFAULT_THROTTLE_RATES."""
 
-    @property  # type: ignore[override]
-    def THROTTLE_RATES(self) -> dict[str, str | None]:
+    @property
+    def THROTTLE_RATES(self) -> dict[str, str | None]:  # type: ignore[override]  # DRF's is a plain attribute
         # DRF copies the rates into a class attribute at import; read them per request instead,
         # so a changed REST_FRAMEWORK setting applies without a restart of the test process.
-        return api_settings.DEFAULT_THROTTLE_RATES
+        # The stubs type the rates as numbers; they are strings such as "10/minute".
+        return cast("dict[str, str | None]", api_settings.DEFAULT_THROTTLE_RATES)
 
 
 class JobViewSet(viewsets.ModelViewSet):
@@ -70,7 +71,8 @@ class JobViewSet(viewsets.ModelViewSet):
         serializer.instance = services.job_create(**serializer.validated_data)
 
     def perform_update(self, serializer: BaseSerializer) -> None:
-        serializer.instance = services.job_update(serializer.instance, **serializer.validated_data)
+        job = cast(Job, serializer.instance)  # an update always has the instance it changes
+        serializer.instance = services.job_update(job, **serializer.validated_data)
 
     def perform_destroy(self, instance: Job) -> None:
         services.job_delete(instance)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import re
 from functools import cache
-from typing import Any
+from typing import TypeVar
 
 from django.core.signals import setting_changed
 from django.dispatch import receiver
@@ -33,12 +33,14 @@ BUILTIN_EXECUTORS = [
 
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,99}$")
 
+T = TypeVar("T")
+
 
 class UnknownJobType(LookupError):
     """No executor is registered under that name."""
 
 
-def load_class(path: str, base: type, method: str, kind: str) -> type:
+def load_class(path: str, base: type[T], method: str, kind: str) -> type[T]:
     """Import `path` and check it is a usable subclass of `base` overriding `method`; raise RegistryError."""
     if not isinstance(path, str):
         raise RegistryError(f"{path!r} is not a dotted path string")
@@ -63,7 +65,7 @@ def load_class(path: str, base: type, method: str, kind: str) -> type:
     return cls
 
 
-def _instantiate(cls: type, path: str) -> Any:
+def _instantiate(cls: type[T], path: str) -> T:
     try:
         return cls()
     except Exception as exc:

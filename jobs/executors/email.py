@@ -34,20 +34,18 @@ def template_engine(*, autoescape: bool) -> Engine:
     return Engine(dirs=[], app_dirs=False, libraries={}, autoescape=autoescape)
 
 
-def _no_line_breaks(value: str) -> str:
+def _no_line_breaks(value: str) -> None:
     if "\n" in value or "\r" in value:
         raise serializers.ValidationError("must not contain line breaks (header injection)")
     if _CONTROL.search(value):
         raise serializers.ValidationError("must not contain control characters")
-    return value
 
 
-def _template(value: str) -> str:
+def _template(value: str) -> None:
     try:
         template_engine(autoescape=False).from_string(value)
     except TemplateSyntaxError as exc:
         raise serializers.ValidationError(f"template error: {exc}") from exc
-    return value
 
 
 def clean_address(value: Any) -> str:
@@ -97,7 +95,8 @@ class AddressListField(serializers.ListField):
             except serializers.ValidationError as exc:
                 errors[index] = [str(detail) for detail in exc.detail]
         if errors:
-            raise serializers.ValidationError(errors)
+            # Keyed by list index, as DRF's own ListField does; the stubs only allow str keys.
+            raise serializers.ValidationError(errors)  # type: ignore[arg-type]
         return addresses
 
 

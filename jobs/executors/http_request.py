@@ -16,7 +16,7 @@ import ssl
 import time
 from dataclasses import dataclass
 from datetime import UTC
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import quote, urljoin, urlsplit
 
 from rest_framework import serializers
@@ -256,7 +256,8 @@ def resolve(target: Target, allowlist: Allowlist) -> list[tuple[int, Any]]:
     for family, _, _, _, sockaddr in infos:
         if family not in (socket.AF_INET, socket.AF_INET6):
             continue
-        ip = ipaddress.ip_address(sockaddr[0].split("%", 1)[0])
+        host = cast(str, sockaddr[0])  # an AF_INET or AF_INET6 address starts with the host string
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
         if not trusted_name and not allowlist.allows_ip(ip) and (reason := address_refusal(ip)):
             # One bad answer refuses the lot: a name that also points inside is not a public service.
             raise BlockedAddress(
@@ -270,7 +271,7 @@ def resolve(target: Target, allowlist: Allowlist) -> list[tuple[int, Any]]:
     return addresses
 
 
-def _connect(addresses: list[tuple[int, Any]], timeout: float) -> socket.socket:
+def _connect(addresses: list[tuple[int, Any]], timeout: float | None) -> socket.socket:
     error: OSError | None = None
     for family, sockaddr in addresses:
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -345,7 +346,7 @@ class HeadersField(serializers.DictField):
         headers = super().to_internal_value(data)
         if len(headers) > 50:
             raise serializers.ValidationError("at most 50 headers")
-        errors = {}
+        errors: dict[str, Any] = {}
         for name, value in headers.items():
             try:
                 _header_name(name)

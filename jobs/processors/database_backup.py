@@ -97,7 +97,7 @@ class DatabaseBackup(DataProcessor):
 
 
 def _gzip_into(writer: HashingWriter, name: str) -> gzip.GzipFile:
-    return gzip.GzipFile(filename=name, mode="wb", fileobj=writer, compresslevel=6)  # type: ignore[arg-type]
+    return gzip.GzipFile(filename=name, mode="wb", fileobj=writer, compresslevel=6)
 
 
 def backup_sqlite(alias: str, writer: HashingWriter, *, scratch_dir: Path) -> None:

@@ -13,7 +13,7 @@ import re
 import uuid
 from collections.abc import Iterable
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, cast
 
 from django.apps import apps
 from django.core.exceptions import EmptyResultSet, FieldDoesNotExist, FieldError, FullResultSet, ValidationError
@@ -97,7 +97,8 @@ def check_filter_key(model: type[models.Model], key: Any) -> None:
         if _secret(field):
             raise serializers.ValidationError(f"{key!r}: {parts[index]} is secret and cannot be filtered on")
         index += 1
-        related = field.related_model if field.is_relation else None
+        # A relation's model is a class once the app registry is ready, never the string "self".
+        related = cast("type[models.Model] | None", field.related_model) if field.is_relation else None
         if related is not None and index < len(parts) and parts[index] not in ALLOWED_LOOKUPS:
             if _refused_model(related):
                 raise serializers.ValidationError(f"{key!r} reaches {related._meta.label}, which is never exported")
@@ -127,7 +128,8 @@ def check_filter_value(key: str, value: Any) -> None:
 class ModelExportParameters(serializers.Serializer):
     model = serializers.CharField(help_text='The model to export, as "app_label.ModelName", e.g. "jobs.JobRun".')
     format = serializers.ChoiceField(choices=["csv", "jsonl"], default="csv", help_text="CSV or JSON Lines.")
-    fields = serializers.ListField(
+    # DRF's metaclass moves declared fields off the class, so this does not replace Serializer.fields.
+    fields = serializers.ListField(  # type: ignore[assignment]
         child=serializers.CharField(),
         required=False,
         min_length=1,
@@ -170,7 +172,7 @@ class ModelExportParameters(serializers.Serializer):
         if "fields" in attrs:
             attrs["fields"] = [self._field(model, name) for name in attrs["fields"]]
         filters = attrs.get("filters") or {}
-        errors = []
+        errors: list[str] = []
         for key, value in filters.items():
             try:
                 check_filter_key(model, key)
@@ -260,8 +262,9 @@ class ModelExport(DataProcessor):
         suffix = f".{params['format']}" + (".gz" if params["compress"] else "")
         names = SeriesNames(directory=directory, prefix=model._meta.label_lower, suffix=suffix)
         with atomic_output(names, timezone.now()) as (writer, written):
-            binary = gzip.GzipFile(fileobj=writer, mode="wb", compresslevel=6) if params["compress"] else writer  # type: ignore[arg-type]
-            text = io.TextIOWrapper(binary, encoding="utf-8", newline="")  # type: ignore[arg-type]
+            binary = gzip.GzipFile(fileobj=writer, mode="wb", compresslevel=6) if params["compress"] else writer
+            # HashingWriter has no `name`, which TextIOWrapper only reads for its repr.
+            text = io.TextIOWrapper(cast(IO[bytes], binary), encoding="utf-8", newline="")
             try:
                 count = (write_csv if params["format"] == "csv" else write_jsonl)(text, columns, rows)
             finally:

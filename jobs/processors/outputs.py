@@ -25,12 +25,11 @@ TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"
 def directory_param(help_text: str) -> serializers.CharField:
     """A `directory` parameter: absolute, or relative to the setting's directory."""
 
-    def no_escape(value: str) -> str:
+    def no_escape(value: str) -> None:
         if "\x00" in value:
             raise serializers.ValidationError("must not contain NUL characters")
         if not os.path.isabs(value) and ".." in Path(value).parts:
             raise serializers.ValidationError("a relative directory must not climb out with '..'")
-        return value
 
     return serializers.CharField(required=False, max_length=1000, validators=[no_escape], help_text=help_text)
 
@@ -62,7 +61,7 @@ class HashingWriter(io.BufferedIOBase):
     def writable(self) -> bool:
         return True
 
-    def write(self, data: Any) -> int:  # type: ignore[override]
+    def write(self, data: Any) -> int:
         view = memoryview(data)
         self.digest.update(view)
         self.size += view.nbytes

@@ -125,6 +125,7 @@ def test_next_run_at_is_the_local_time_in_utc(api: APIClient, job_data: Callable
 @pytest.mark.parametrize("slash", ["", "/"])
 def test_every_route_answers_with_and_without_trailing_slash(api: APIClient, make_job: MakeJob, slash: str) -> None:
     job = make_job(name="Daily reminder")
+    assert job.next_run_at is not None
     run = JobRun.objects.create(job=job, scheduled_for=job.next_run_at, not_before=job.next_run_at)
     cache.clear()  # the run-now throttle counts per user
 
@@ -223,6 +224,7 @@ def test_put_replaces_the_job(api: APIClient, job_data: Callable[..., dict[str, 
         "America/New_York",
         3,
     )
+    assert job.next_run_at is not None
     local = job.next_run_at.astimezone(ZoneInfo("America/New_York"))
     assert (local.weekday(), local.hour, local.minute) == (0, 8, 0)
     assert response.json()["next_run_at"] == job.next_run_at.isoformat().replace("+00:00", "Z")
@@ -256,7 +258,7 @@ def test_patching_the_schedule_recomputes_next_run(
 
     assert response.status_code == 200, response.content
     job.refresh_from_db()
-    assert job.next_run_at > datetime.now(UTC)
+    assert job.next_run_at is not None and job.next_run_at > datetime.now(UTC)
     assert job.next_run_at.hour == expected_hour_utc
     assert parse_time(response.json()["next_run_at"]) == job.next_run_at
 
@@ -637,7 +639,8 @@ def test_run_now_queues_a_manual_run(api: APIClient, make_job: MakeJob) -> None:
         "queued",
         1,
     )
-    assert before <= parse_time(body["scheduled_for"]) <= datetime.now(UTC)
+    scheduled_for = parse_time(body["scheduled_for"])
+    assert scheduled_for is not None and before <= scheduled_for <= datetime.now(UTC)
     assert body["not_before"] == body["scheduled_for"]
     assert (run.trigger, run.status) == (JobRun.Trigger.MANUAL, JobRun.Status.QUEUED)
     # Running now does not move the schedule.

@@ -41,7 +41,7 @@ def test_preview_runs_a_skipped_local_time_after_the_gap(api: APIClient) -> None
     # 2026-03-29: Berlin springs forward from 02:00 to 03:00, so 02:30 does not exist.
     response = api.get(
         "/cron/preview",
-        {"expression": "30 2 * * *", "timezone": "Europe/Berlin", "after": "2026-03-28T12:00:00Z", "count": 2},
+        {"expression": "30 2 * * *", "timezone": "Europe/Berlin", "after": "2026-03-28T12:00:00Z", "count": "2"},
     )
 
     assert [time["local"] for time in response.json()["fire_times"]] == [
@@ -64,7 +64,9 @@ def test_preview_defaults(api: APIClient) -> None:
 
 
 def test_preview_accepts_the_maximum_count(api: APIClient) -> None:
-    body = api.get("/cron/preview", {"expression": "*/5 * * * *", "count": 100, "after": "2026-01-01T00:00:00Z"}).json()
+    body = api.get(
+        "/cron/preview", {"expression": "*/5 * * * *", "count": "100", "after": "2026-01-01T00:00:00Z"}
+    ).json()
 
     assert len(body["fire_times"]) == 100
     assert body["fire_times"][-1]["utc"] == "2026-01-01T08:20:00Z"
@@ -278,7 +280,7 @@ def test_docs_work_offline_from_local_static_files(
     for asset in {path.decode() for path in assets}:
         served = client.get(asset)
         assert served.status_code == 200, asset
-        assert b"".join(served.streaming_content) if served.streaming else served.content
+        assert served.getvalue()  # the body, streamed or not
 
 
 def test_docs_need_no_login(collected_static: Path, settings: Any) -> None:

@@ -172,7 +172,9 @@ def test_postgresql_backup_without_pg_dump_fails_clearly(make_run: MakeRun, dirs
 def test_backup_parameters_are_checked(parameters: dict[str, Any], field: str, message: str) -> None:
     with pytest.raises(serializers.ValidationError) as refused:
         get_executor("data_processing").validate_parameters({"dataset": "database_backup", **parameters})
-    assert message in flat(refused.value.detail[field])
+    detail = refused.value.detail
+    assert isinstance(detail, dict)
+    assert message in flat(detail[field])
 
 
 # --- model_export --------------------------------------------------------------------------------
@@ -357,7 +359,9 @@ def test_export_parameters_are_checked(parameters: dict[str, Any], field: str, m
 
     with pytest.raises(serializers.ValidationError) as refused:
         get_executor("data_processing").validate_parameters(body)
-    assert message in flat(refused.value.detail[field])
+    detail = refused.value.detail
+    assert isinstance(detail, dict)
+    assert message in flat(detail[field])
 
 
 # --- the registry --------------------------------------------------------------------------------
@@ -404,7 +408,9 @@ def test_a_processor_registered_in_settings_runs_and_checks_its_own_parameters(
 def test_unknown_dataset_message_lists_registered_processors_too(word_count: None) -> None:
     with pytest.raises(serializers.ValidationError) as refused:
         get_executor("data_processing").validate_parameters({"dataset": "nope"})
-    assert "known datasets: database_backup, model_export, word_count" in flat(refused.value.detail["dataset"])
+    detail = refused.value.detail
+    assert isinstance(detail, dict)
+    assert "known datasets: database_backup, model_export, word_count" in flat(detail["dataset"])
 
 
 @pytest.mark.django_db

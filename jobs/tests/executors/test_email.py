@@ -42,7 +42,7 @@ class Mailbox:
 
     def messages(self) -> list[EmailMessage]:
         return [
-            email.message_from_bytes(envelope.original_content, policy=email.policy.default)  # type: ignore[misc]
+            email.message_from_bytes(envelope.original_content, policy=email.policy.default)
             for envelope in self.envelopes
         ]
 
@@ -212,8 +212,9 @@ def test_bad_addresses_and_header_injection_are_refused_at_create_time(
 
     with pytest.raises(serializers.ValidationError) as refused:
         get_executor("email_notification").validate_parameters(body)
-    assert field in refused.value.detail
-    assert message in str(refused.value.detail[field])
+    detail = refused.value.detail
+    assert isinstance(detail, dict) and field in detail
+    assert message in str(detail[field])
 
     with pytest.raises(services.JobValidationError) as not_created:
         services.job_create(name="x", cron_expression="@daily", job_type="email_notification", parameters=body)

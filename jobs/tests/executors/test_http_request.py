@@ -458,7 +458,9 @@ def test_bad_request_parameters_are_refused(parameters: dict[str, Any], field: s
     with pytest.raises(serializers.ValidationError) as refused:
         get_executor("http_request").validate_parameters({"url": "https://hooks.example.com/x", **parameters})
 
-    assert message in str(refused.value.detail[field])
+    detail = refused.value.detail
+    assert isinstance(detail, dict)
+    assert message in str(detail[field])
 
 
 @pytest.mark.parametrize(

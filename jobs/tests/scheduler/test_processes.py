@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.conf import settings
@@ -106,7 +107,7 @@ def schedulers(tmp_path: Path) -> Iterator[Schedulers]:
         group.stop_all()
 
 
-def _job(**fields: object) -> Job:
+def _job(**fields: Any) -> Job:
     fields.setdefault("name", "job")
     fields.setdefault("cron_expression", "0 0 1 1 *")
     fields.setdefault("job_type", "test_noop")
@@ -245,4 +246,4 @@ def test_downtime_follows_the_misfire_policy_on_start(schedulers: Schedulers) ->
     assert skipped.status == "skipped" and "missed" in skipped.skip_reason
     for job in (catch_up, skip):
         job.refresh_from_db()
-        assert job.next_run_at > timezone.now()
+        assert job.next_run_at is not None and job.next_run_at > timezone.now()
