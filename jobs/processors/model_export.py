@@ -151,6 +151,10 @@ class ModelExportParameters(serializers.Serializer):
         help_text="Export rows with scheduled_for - window <= time_field < scheduled_for (the run's fire time).",
     )
     compress = serializers.BooleanField(default=False, help_text="gzip the file (.csv.gz / .jsonl.gz).")
+    escape_formulas = serializers.BooleanField(
+        default=True,
+        help_text="CSV: put ' before text starting with = + - @ tab or CR, so a spreadsheet shows it as text.",
+    )
     keep = serializers.IntegerField(
         required=False, min_value=1, max_value=10_000, help_text="Keep only the newest N exports of this model."
     )
@@ -223,7 +227,11 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _csv_cell(value: Any) -> Any:
+# A cell starting with one of these is a formula to a spreadsheet (OWASP "CSV injection").
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_cell(value: Any, *, escape_formulas: bool = True) -> Any:
     value = _plain(value)
     if value is None:
         return ""
@@ -231,6 +239,8 @@ def _csv_cell(value: Any) -> Any:
         return "true" if value else "false"
     if isinstance(value, dict | list):
         return json.dumps(value, ensure_ascii=False, sort_keys=True)
+    if escape_formulas and isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
     return value
 
 
@@ -266,7 +276,10 @@ class ModelExport(DataProcessor):
             # HashingWriter has no `name`, which TextIOWrapper only reads for its repr.
             text = io.TextIOWrapper(cast(IO[bytes], binary), encoding="utf-8", newline="")
             try:
-                count = (write_csv if params["format"] == "csv" else write_jsonl)(text, columns, rows)
+                if params["format"] == "csv":
+                    count = write_csv(text, columns, rows, escape_formulas=params["escape_formulas"])
+                else:
+                    count = write_jsonl(text, columns, rows)
             finally:
                 text.flush()
                 text.detach()
@@ -292,12 +305,14 @@ class ModelExport(DataProcessor):
         raise FieldDoesNotExist(column)
 
 
-def write_csv(out: io.TextIOWrapper, columns: list[str], rows: Iterable[tuple[Any, ...]]) -> int:
+def write_csv(
+    out: io.TextIOWrapper, columns: list[str], rows: Iterable[tuple[Any, ...]], *, escape_formulas: bool = True
+) -> int:
     writer = csv.writer(out)
     writer.writerow(columns)
     count = 0
     for row in rows:
-        writer.writerow([_csv_cell(value) for value in row])
+        writer.writerow([_csv_cell(value, escape_formulas=escape_formulas) for value in row])
         count += 1
     return count
 

@@ -237,6 +237,32 @@ def test_export_to_csv_with_fields_and_filters(make_run: MakeRun, dirs: dict[str
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize("escape", [True, False])
+def test_csv_export_defuses_spreadsheet_formulas_unless_told_not_to(
+    make_run: MakeRun, dirs: dict[str, Path], escape: bool
+) -> None:
+    names = ['=HYPERLINK("http://evil.example","x")', "+1", "-2", "@SUM(A1)", "\tcmd", "plain -> fine"]
+    for name in names:
+        Job.objects.create(name=name, cron_expression="0 0 1 1 *", job_type="email_notification")
+    run = make_run(
+        "data_processing",
+        {
+            "dataset": "model_export",
+            "model": "jobs.Job",
+            "fields": ["name", "misfire_grace_seconds"],
+            "filters": {"job_type": "email_notification"},
+            "escape_formulas": escape,
+        },
+    )
+
+    with Path(run_processor(run)["path"]).open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+
+    assert [row["name"] for row in rows] == [("'" + name if escape and name[0] in "=+-@\t" else name) for name in names]
+    assert {row["misfire_grace_seconds"] for row in rows} == {"60"}  # numbers are left alone
+
+
+@pytest.mark.django_db
 def test_export_to_gzipped_json_lines_with_foreign_keys_and_dates(
     make_run: MakeRun, dirs: dict[str, Path], history: list[JobRun]
 ) -> None:
