@@ -31,6 +31,8 @@ ModelT = TypeVar("ModelT", bound=Model)
 MAX_FIRES_COUNTED = 1000
 # Due jobs fired per transaction; a pass repeats until a batch comes back short.
 FIRE_BATCH = 500
+# A job whose schedule cannot be computed is tried again this much later.
+BROKEN_SCHEDULE_RETRY = timedelta(hours=1)
 # The partial index on queued runs by (not_before, id) that claiming reads (see JobRun.Meta).
 QUEUE_INDEX = "jobrun_queue_idx"
 
@@ -194,17 +196,20 @@ def fire_due_jobs(*, now: datetime, limit: int = FIRE_BATCH) -> FireReport:
             try:
                 fires, following = _fires_until(job, now)
             except schedule.CronError as exc:
-                # Saved past the validation (a raw UPDATE, a time zone gone from tzdata): this job
-                # stops firing until it is edited, and must not stop the others.
+                # Saved past the validation (a raw UPDATE, a time zone missing from this host's
+                # tzdata): a skipped run says so where people look, the job is tried again in an
+                # hour (another host may have the zone), and the other jobs fire regardless.
                 logger.error(
-                    "job %s not fired: its schedule %r in %s cannot be computed (%s); it will not fire until edited",
+                    "job %s not fired: its schedule %r in %s cannot be computed (%s); trying again in an hour",
                     job.id,
                     job.cron_expression,
                     job.timezone,
                     exc,
                     extra={"job_id": job.id},
                 )
-                advanced.setdefault(None, []).append(job.id)
+                reason = f"schedule cannot be computed: {exc}"[:255]
+                planned.append(_Planned(job.id, job.next_run_at, JobRun.Status.SKIPPED.value, skip_reason=reason))
+                advanced.setdefault(now + BROKEN_SCHEDULE_RETRY, []).append(job.id)
                 continue
             planned.extend(_plan_runs(job, fires, now, job.active))
             advanced.setdefault(following, []).append(job.id)
@@ -283,12 +288,18 @@ def _claim_sql(*, worker_id: int, slots: int, now: datetime, returning: str) -> 
     written into the SQL so that SQLite can use the partial queue index.
     """
     runs_table = connection.ops.quote_name(JobRun._meta.db_table)
-    lock = " FOR UPDATE SKIP LOCKED" if connection.features.has_select_for_update_skip_locked else ""
+    pick = (
+        f"SELECT id FROM {runs_table}{_queue_index()} WHERE status = '{JobRun.Status.QUEUED}' "
+        "AND not_before <= %s ORDER BY not_before, id LIMIT %s"
+    )
+    # PostgreSQL: ARRAY(...) runs the locking subquery exactly once; as a join, a re-scan could
+    # pick rows it skipped the first time and claim more than `slots`.
+    postgres = connection.vendor == "postgresql"
+    picked = f"= ANY(ARRAY({pick} FOR UPDATE SKIP LOCKED))" if postgres else f"IN ({pick})"
     at = connection.ops.adapt_datetimefield_value(now)
     sql = (
         f"UPDATE {runs_table} SET status = '{JobRun.Status.RUNNING}', started_at = %s, worker_id = %s "
-        f"WHERE id IN (SELECT id FROM {runs_table}{_queue_index()} WHERE status = '{JobRun.Status.QUEUED}' "
-        f"AND not_before <= %s ORDER BY not_before, id LIMIT %s{lock}) RETURNING {returning}"
+        f"WHERE id {picked} RETURNING {returning}"
     )
     return sql, [at, worker_id, at, slots]
 

@@ -39,7 +39,7 @@ PRUNE_EVERY_SECONDS = 600.0
 # short runs finishing together are written back (and their slots refilled) in one go.
 GATHER_SECONDS = 0.001
 # SQLite has no NOTIFY: this often, an idle scheduler asks whether another process committed.
-WATCH_SECONDS = 0.25
+WATCH_SECONDS = 0.5
 
 
 @dataclass
@@ -169,7 +169,6 @@ class Engine:
         self._check_has_queue = False  # it took queued runs into account
         self._backlog = False  # the last claim filled every free slot, so more may be waiting
         self._watcher = CommitWatcher() if connection.vendor == "sqlite" else None
-        self._watch_at = 0.0  # time.monotonic() of the next ask
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -205,6 +204,8 @@ class Engine:
     def run_forever(self) -> int:
         """Run passes until stopped; return the process exit status."""
         self.register()
+        if self._watcher is not None:
+            self._watcher.changed()  # the baseline: commits from here on wake it
         if connection.vendor == "postgresql":
             self._listener = _Listener(self._on_notify)
             self._listener.start()
@@ -213,15 +214,14 @@ class Engine:
                 self._wake.clear()
                 try:
                     self._tick()
+                    if self._stopping and (not self._inflight or self._grace_over()):
+                        break
+                    self._sleep()
                 except DatabaseError:
                     logger.exception("database error in the scheduler loop; retrying in 1s")
                     close_old_connections()
                     connection.close()
                     self._wake.wait(1.0)
-                    continue
-                if self._stopping and (not self._inflight or self._grace_over()):
-                    break
-                self._sleep()
         finally:
             self._shutdown()
         return 0
@@ -282,10 +282,6 @@ class Engine:
         if self._stopping:
             self._write(sink)
             return
-        if self._watcher is not None and time.monotonic() >= self._watch_at:
-            self._watch_at = time.monotonic() + WATCH_SECONDS
-            if self._watcher.changed():
-                self._notified = True  # another process (the web, a scheduler) wrote something
         now = self.clock()
         look = (
             self._notified
@@ -324,40 +320,56 @@ class Engine:
             return report
         runs: list[Any] = []
         worker_id = self.process.pk
-        if connection.vendor == "sqlite":
-            # One IMMEDIATE transaction for the whole pass is cheaper than one per step.
-            with transaction.atomic():
-                accepted = runner.record_outcomes(self._unrecorded, worker_id=worker_id)
+        try:
+            if connection.vendor == "sqlite":
+                # One IMMEDIATE transaction for the whole pass is cheaper than one per step.
+                with transaction.atomic():
+                    accepted = runner.record_outcomes(self._unrecorded, worker_id=worker_id)
+                    if fire:
+                        report = claiming.fire_due_jobs(now=self.clock())
+                    if claim:
+                        runs = claiming.claim_runs(worker_id=worker_id, slots=free, now=self.clock())
+                self._recorded(accepted, sink)
+            elif claim and self._unrecorded and not any(map(runner.wants_retry, self._unrecorded)):
+                # PostgreSQL: writing back and claiming share one statement (one round trip,
+                # one commit); firing is its own short transaction.
                 if fire:
                     report = claiming.fire_due_jobs(now=self.clock())
-                if claim:
-                    runs = claiming.claim_runs(worker_id=worker_id, slots=free, now=self.clock())
-        else:
-            # PostgreSQL: each step is atomic on its own, and writing back and claiming share one
-            # statement (one round trip, one commit) unless retries must be queued with the write.
-            if fire:
-                report = claiming.fire_due_jobs(now=self.clock())
-            if claim and self._unrecorded and not any(map(runner.wants_retry, self._unrecorded)):
                 write_back = runner.write_back_ctes(self._unrecorded, worker_id=worker_id)
                 recorded, runs = claiming.record_and_claim(
                     write_back, worker_id=worker_id, slots=free, now=self.clock()
                 )
-                accepted = runner.accepted_outcomes(self._unrecorded, recorded)
+                self._recorded(runner.accepted_outcomes(self._unrecorded, recorded), sink)
             else:
-                accepted = runner.record_outcomes(self._unrecorded, worker_id=worker_id)
+                # PostgreSQL, each step atomic on its own; what is written is let go at once, so
+                # a later step failing cannot send it twice.
+                self._recorded(runner.record_outcomes(self._unrecorded, worker_id=worker_id), sink)
+                if fire:
+                    report = claiming.fire_due_jobs(now=self.clock())
                 if claim:
                     runs = claiming.claim_runs(worker_id=worker_id, slots=free, now=self.clock())
-        self._unrecorded = []
-        self._log_finished(accepted)
-        sink.extend(accepted)
-        if any(outcome.status != "succeeded" for outcome in accepted):
-            self._check_stale = True  # a retry may now be queued; look for it when it is due
+        except runner.REFUSED_VALUES:
+            if not self._unrecorded:
+                raise
+            # Not a lost connection: the database refused a value. Write the outcomes one by
+            # one, each refused one as a failure saying why, so one cannot block the others.
+            logger.exception("writing back %d outcome(s) failed; writing them one by one", len(self._unrecorded))
+            self._recorded(runner.record_one_by_one(self._unrecorded, worker_id=worker_id), sink)
+            return report
         if claim:
             # A full claim means more runs may be waiting.
             self._backlog = len(runs) == free
         for run in runs:
             self._start(run)
         return report
+
+    def _recorded(self, accepted: list[runner.Outcome], sink: list[runner.Outcome]) -> None:
+        """The taken outcomes are written: let them go, and log those that were accepted."""
+        self._unrecorded = []
+        self._log_finished(accepted)
+        sink.extend(accepted)
+        if any(outcome.status != "succeeded" for outcome in accepted):
+            self._check_stale = True  # a retry may now be queued; look for it when it is due
 
     def _start(self, run: Any) -> None:
         lateness = (run.started_at - run.scheduled_for).total_seconds()
@@ -376,6 +388,9 @@ class Engine:
     def _work(self, run: Any) -> None:
         try:
             outcome = runner.execute(run, clock=self.clock)
+        except Exception as exc:  # execute() catches the job's own errors; this guards the rest
+            logger.exception("running job=%s run=%s failed outside the job", run.job_id, run.pk)
+            outcome = runner.Outcome(run, "failed", self.clock(), error=f"scheduler error: {type(exc).__name__}: {exc}")
         finally:
             # The worker thread's own connection, if the executor used one, is not kept open
             # while the thread idles.
@@ -454,8 +469,6 @@ class Engine:
         timeout = min(self._poll_at - now_mono, self._next_heartbeat - now_mono)
         if self._inflight:
             timeout = min(timeout, min(item.deadline for item in self._inflight.values()) - now_mono)
-        if self._watcher is not None:
-            timeout = min(timeout, self._watch_at - now_mono)
         free = len(self._inflight) < self.max_concurrent
         include_queue = free and not self._backlog
         if self._check_stale or (include_queue and not self._check_has_queue):
@@ -466,4 +479,14 @@ class Engine:
         if self._check_at is not None:
             timeout = min(timeout, (self._check_at - self.clock()).total_seconds())
         # A floor, so a due row locked by another scheduler cannot make this loop spin.
-        self._wake.wait(max(timeout, 0.002))
+        deadline = now_mono + max(timeout, 0.002)
+        if self._watcher is None:
+            self._wake.wait(deadline - now_mono)
+            return
+        # SQLite: between passes, ask whether another process committed; only then look.
+        while not self._wake.wait(min(WATCH_SECONDS, max(deadline - time.monotonic(), 0.0))):
+            if time.monotonic() >= deadline:
+                return
+            if self._watcher.changed():
+                self._notified = True  # the web process or another scheduler wrote something
+                return

@@ -37,9 +37,10 @@ class CommitWatcher:
         self._last: int | None = None
 
     def changed(self) -> bool:
-        with connection.cursor() as cursor:
-            cursor.execute("PRAGMA data_version")
-            version = cursor.fetchone()[0]
+        # Straight to the driver: asked several times a second, Django's cursor layers would
+        # cost more than the question.
+        connection.ensure_connection()
+        version = connection.connection.execute("PRAGMA data_version").fetchone()[0]
         changed = self._last is not None and version != self._last
         self._last = version
         return changed

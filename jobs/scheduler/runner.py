@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import traceback
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
@@ -13,7 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.core.serializers.json import DjangoJSONEncoder
-from django.db import connection, transaction
+from django.db import DataError, IntegrityError, connection, transaction
 from django.db.models import Field
 from django.utils import timezone
 
@@ -35,14 +36,23 @@ class Outcome:
     error: str = ""
 
 
+# A JSON \u0000 escape (not an escaped backslash followed by "u0000"): PostgreSQL's jsonb refuses it.
+_JSON_NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
+
+
 def _cap_result(result: Any) -> Any:
-    """Return the result as JSON-safe data, replaced by a note when it is too large."""
+    """Return the result as data every database stores, replaced by a note when it is too large.
+
+    NaN and infinities (not JSON) and anything else JSON cannot express are stored as the
+    result's repr; NUL characters, which PostgreSQL refuses, are dropped.
+    """
     if result is None:
         return None
     try:
-        text = json.dumps(result, cls=DjangoJSONEncoder)
-    except (TypeError, ValueError):
+        text = json.dumps(result, cls=DjangoJSONEncoder, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
         text = json.dumps(repr(result))
+    text = _JSON_NUL.sub(r"\1", text)
     limit = get("RESULT_MAX_BYTES")
     if len(text) > limit:
         return {"truncated": True, "size_bytes": len(text), "preview": text[: min(limit, 2000)]}
@@ -53,7 +63,7 @@ def _format_error(exc: BaseException) -> str:
     limit = get("ERROR_MAX_CHARS")
     message = f"{type(exc).__name__}: {exc}"
     trace = "".join(traceback.format_exception(exc))
-    text = f"{message}\n\n{trace}"
+    text = f"{message}\n\n{trace}".replace("\x00", "")  # PostgreSQL refuses NUL in text
     if len(text) > limit:
         text = text[: limit // 2] + "\n[... traceback truncated ...]\n" + text[-limit // 2 :]
     return text
@@ -209,6 +219,38 @@ def _set_last_runs(outcomes: list[Outcome]) -> None:
             f"AND (last_run_at IS NULL OR last_run_at <= {at_sql})",
             [*at_params, *status_params, *latest, *at_params],
         )
+
+
+# What a write-back raises when the database refuses a value (rather than going away): psycopg2
+# raises ValueError for a NUL in a string before sending anything.
+REFUSED_VALUES = (DataError, IntegrityError, ValueError)
+
+
+def record_one_by_one(outcomes: list[Outcome], *, worker_id: int) -> list[Outcome]:
+    """Write outcomes one at a time; one the database refuses is written as a failure saying why.
+
+    The engine falls back to this when a batch write is refused, so that one unstorable result
+    cannot block every other outcome, and the scheduler, for good.
+    """
+    accepted: list[Outcome] = []
+    for outcome in outcomes:
+        try:
+            with transaction.atomic():
+                accepted += record_outcomes([outcome], worker_id=worker_id)
+        except REFUSED_VALUES as exc:
+            logger.error(
+                "outcome refused by the database job=%s run=%s status=%s: %s",
+                outcome.run.job_id,
+                outcome.run.pk,
+                outcome.status,
+                exc,
+                extra={"job_id": outcome.run.job_id, "run_id": outcome.run.pk},
+            )
+            note = f"the run ended {outcome.status}, but the database refused its outcome: {type(exc).__name__}: {exc}"
+            refused = Outcome(outcome.run, JobRun.Status.FAILED, outcome.finished_at, error=note.replace("\x00", ""))
+            with transaction.atomic():
+                accepted += record_outcomes([refused], worker_id=worker_id)
+    return accepted
 
 
 def wants_retry(outcome: Outcome) -> bool:

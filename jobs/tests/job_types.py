@@ -73,3 +73,14 @@ class HangExecutor(Executor):
 
     def execute(self, run: Any) -> None:
         time.sleep(3600)
+
+
+class OddResultExecutor(Executor):
+    name = "test_odd_result"
+    description = "Returns what JSON or PostgreSQL cannot hold (NaN, NUL), or raises with a NUL in the message."
+    safe_to_repeat = True
+
+    def execute(self, run: Any) -> dict[str, Any]:
+        if run.job.parameters.get("raise"):
+            raise ExecutorError("bad\x00byte")
+        return {"ratio": float("nan"), "body": "binary\x00body", "key\x00": 1}

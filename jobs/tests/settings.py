@@ -10,6 +10,7 @@ TEST_EXECUTORS = [
     "jobs.tests.job_types.FailExecutor",
     "jobs.tests.job_types.FlakyExecutor",
     "jobs.tests.job_types.HangExecutor",
+    "jobs.tests.job_types.OddResultExecutor",
 ]
 JOBS = {**JOBS, "EXECUTORS": [*JOBS.get("EXECUTORS", []), *TEST_EXECUTORS]}
 

@@ -227,15 +227,19 @@ def test_postgres_records_outcomes_and_claims_in_one_statement(make_job, now):
     assert recorded == {outcome.run.pk for outcome in done} and claimed == []
 
 
-def test_a_job_whose_schedule_cannot_be_computed_stops_alone(make_job, now, caplog):
+def test_a_job_whose_schedule_cannot_be_computed_is_skipped_alone_and_tried_again(make_job, now, caplog):
     broken = make_job(now=now - timedelta(seconds=30), name="broken")
     healthy = make_job(now=now - timedelta(seconds=30), name="healthy")
-    # Past the services' validation, as a raw UPDATE or a time zone removed from tzdata would be.
+    due_at = broken.next_run_at
+    # Past the services' validation, as a raw UPDATE or a time zone missing from tzdata would be.
     Job.objects.filter(pk=broken.pk).update(timezone="Mars/Olympus_Mons")
     report = claiming.fire_due_jobs(now=now)
-    assert report.queued == 1 and list(JobRun.objects.values_list("job_id", flat=True)) == [healthy.pk]
+    assert report.queued == 1 and JobRun.objects.get(status="queued").job_id == healthy.pk
+    skipped = JobRun.objects.get(job=broken)
+    assert (skipped.status, skipped.scheduled_for) == ("skipped", due_at)
+    assert "schedule cannot be computed" in skipped.skip_reason and "Mars/Olympus_Mons" in skipped.skip_reason
     broken.refresh_from_db()
-    assert broken.next_run_at is None
-    assert f"job {broken.pk} not fired" in caplog.text and "Mars/Olympus_Mons" in caplog.text
-    # It is not due again, so it cannot block later passes either.
+    assert broken.next_run_at == now + claiming.BROKEN_SCHEDULE_RETRY
+    assert f"job {broken.pk} not fired" in caplog.text
+    # Not due again before then, so it cannot weigh on the passes in between.
     assert claiming.fire_due_jobs(now=now + timedelta(minutes=1)).jobs == 1

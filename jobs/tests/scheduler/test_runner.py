@@ -124,3 +124,31 @@ def test_an_older_run_never_overwrites_the_jobs_newer_last_run(running, now):
     assert len(accepted) == 1 and JobRun.objects.get(pk=run.pk).status == "failed"
     job = Job.objects.get(pk=run.job_id)
     assert (job.last_run_at, job.last_run_status) == (now + timedelta(minutes=1), "succeeded")
+
+
+@pytest.mark.postgres
+def test_an_outcome_the_database_refuses_is_written_as_a_failure_and_the_rest_land(running, now):
+    refused_run, worker = running()
+    fine_run = JobRun.objects.select_related("job").get(
+        pk=JobRun.objects.create(
+            job=refused_run.job,
+            scheduled_for=now,
+            not_before=now,
+            attempt=2,
+            status="running",
+            worker=worker,
+            started_at=now,
+        ).pk
+    )
+    # A NUL character: PostgreSQL text cannot hold it, and psycopg2 refuses to send it.
+    outcomes = [
+        runner.Outcome(refused_run, "failed", now, error="bad\x00byte"),
+        runner.Outcome(fine_run, "succeeded", now, result={"ok": True}),
+    ]
+    with pytest.raises(ValueError):
+        runner.record_outcomes(outcomes, worker_id=worker.pk)
+    accepted = runner.record_one_by_one(outcomes, worker_id=worker.pk)
+    assert [(o.run.pk, o.status) for o in accepted] == [(refused_run.pk, "failed"), (fine_run.pk, "succeeded")]
+    refused = JobRun.objects.get(pk=refused_run.pk)
+    assert refused.status == "failed" and "the database refused its outcome" in refused.error
+    assert JobRun.objects.get(pk=fine_run.pk).result == {"ok": True}
