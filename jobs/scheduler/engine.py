@@ -277,8 +277,12 @@ class Engine:
     def _tick(self, collect_into: list[runner.Outcome] | None = None) -> None:
         sink: list[runner.Outcome] = collect_into if collect_into is not None else []
         self._take_outcomes()
+        self._pass(sink)
+        # After the pass, so that a heartbeat falling due with a fire does not delay it.
         if time.monotonic() >= self._next_heartbeat:
             self._heartbeat()
+
+    def _pass(self, sink: list[runner.Outcome]) -> None:
         if self._stopping:
             self._write(sink)
             return
@@ -452,7 +456,8 @@ class Engine:
             logger.error("scheduler %s was presumed dead by another scheduler; registering again", self.process)
             self.register()
         if claiming.recover_lost_runs(now=now, lost_after=self.lost_after):
-            self._notified = True  # retries of lost runs may be waiting
+            self._notified = True  # retries of lost runs may be waiting: look at once
+            self._wake.set()
         if time.monotonic() >= self._next_prune:
             self._next_prune = time.monotonic() + PRUNE_EVERY_SECONDS
             prune_runs(
