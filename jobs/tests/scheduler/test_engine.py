@@ -202,3 +202,37 @@ def test_results_no_database_can_hold_are_stored_and_block_nothing(make_job, eng
     assert odd_run.status == "succeeded" and "nan" in odd_run.result and "\x00" not in odd_run.result
     assert raises_run.status == "failed" and "ExecutorError: badbyte" in raises_run.error
     assert JobRun.objects.get(job=plain).status == "succeeded"
+
+
+def test_worker_threads_are_reused_then_end_when_idle_and_come_back_on_demand():
+    import threading
+
+    from jobs.scheduler.engine import _Workers
+
+    done: list[str] = []
+    finished = threading.Event()
+
+    def work(task: str) -> None:
+        done.append(threading.current_thread().name)
+        if len(done) in (3, 4):
+            finished.set()
+
+    def pool_threads() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name.startswith("run-worker-") and t.is_alive()]
+
+    before = set(pool_threads())
+    workers = _Workers(work, idle_seconds=0.2)
+    for task in ("a", "b", "c"):
+        workers.submit(task)
+    assert finished.wait(5)
+    started = set(pool_threads()) - before
+    assert 1 <= len(started) <= 3 and len(done) == 3
+    # Idle past idle_seconds: every thread of this pool ends.
+    deadline = time.monotonic() + 5
+    while set(pool_threads()) - before:
+        assert time.monotonic() < deadline, "idle worker threads did not end"
+        time.sleep(0.05)
+    # A task after that still runs, on a new thread.
+    finished.clear()
+    workers.submit("d")
+    assert finished.wait(5) and len(done) == 4
