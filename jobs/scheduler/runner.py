@@ -187,9 +187,22 @@ def _finish_runs(outcomes: list[Outcome], worker_id: int) -> set[int]:
 
 
 def accepted_outcomes(outcomes: list[Outcome], recorded: set[int]) -> list[Outcome]:
-    """The outcomes whose runs were written; a warning for each one the fence refused."""
-    for outcome in outcomes:
-        if outcome.run.pk not in recorded:
+    """The outcomes whose runs were written; a warning for each one the fence refused.
+
+    A run already showing exactly this outcome was written by an earlier attempt whose reply
+    was lost (the connection dropped after the commit): it counts as written, not refused.
+    """
+    missing = [outcome for outcome in outcomes if outcome.run.pk not in recorded]
+    if missing:
+        stored = set(
+            JobRun.objects.filter(pk__in=[outcome.run.pk for outcome in missing]).values_list(
+                "pk", "status", "finished_at"
+            )
+        )
+        for outcome in missing:
+            if (outcome.run.pk, outcome.status, outcome.finished_at) in stored:
+                recorded = recorded | {outcome.run.pk}
+                continue
             logger.warning(
                 "outcome discarded job=%s run=%s status=%s: the run is no longer held by this scheduler",
                 outcome.run.job_id,

@@ -102,7 +102,9 @@ def test_a_batch_is_written_in_one_or_two_statements_and_fenced_run_by_run(make_
         accepted = runner.record_outcomes(outcomes, worker_id=worker.pk)
     statements = [q["sql"] for q in captured.captured_queries if not q["sql"].startswith(("SAVEPOINT", "RELEASE"))]
     # PostgreSQL: one statement (runs and jobs in a data-modifying CTE); SQLite: runs, then jobs.
-    assert len(statements) == (1 if connection.vendor == "postgresql" else 2), statements
+    # Plus one, because the fence refused an outcome: a look at whether it was already written.
+    assert len(statements) == (1 if connection.vendor == "postgresql" else 2) + 1, statements
+    assert [sql.split()[0] for sql in statements].count("SELECT") == 1
     assert [outcome.run.pk for outcome in accepted] == [runs[0].pk, runs[1].pk, runs[2].pk]
     rows = {row.pk: row for row in JobRun.objects.all()}
     assert (rows[runs[0].pk].status, rows[runs[0].pk].result) == ("succeeded", {"rows": 1})
@@ -152,3 +154,17 @@ def test_an_outcome_the_database_refuses_is_written_as_a_failure_and_the_rest_la
     refused = JobRun.objects.get(pk=refused_run.pk)
     assert refused.status == "failed" and "the database refused its outcome" in refused.error
     assert JobRun.objects.get(pk=fine_run.pk).result == {"ok": True}
+
+
+def test_an_outcome_sent_again_after_a_lost_reply_counts_as_written(running, now, caplog):
+    run, worker = running()
+    outcome = runner.Outcome(run, "succeeded", now + timedelta(seconds=1), result={"n": 1})
+    assert runner.record_outcomes([outcome], worker_id=worker.pk) == [outcome]
+    # The engine sends it again, as it would had the reply to the committed write been lost.
+    assert runner.record_outcomes([outcome], worker_id=worker.pk) == [outcome]
+    assert "outcome discarded" not in caplog.text
+    # A different outcome for the same run is still refused: the run is no longer running.
+    other = runner.Outcome(run, "failed", now + timedelta(seconds=2), error="late")
+    assert runner.record_outcomes([other], worker_id=worker.pk) == []
+    assert "outcome discarded" in caplog.text
+    assert JobRun.objects.get(pk=run.pk).status == "succeeded"
