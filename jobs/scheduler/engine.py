@@ -4,8 +4,8 @@ One engine per `manage.py runscheduler` process. Runs execute on worker threads,
 `max_concurrent` at once; the engine thread alone talks to the database about run lifecycles.
 Each pass writes back the runs that finished, fires due jobs and claims runs for the free
 slots, in a few statements whatever the number of runs. Between passes it sleeps until the next
-thing is due (bounded by `max_sleep`), and on PostgreSQL a LISTEN connection wakes it as soon
-as a job or run changes.
+thing is due (bounded by `max_sleep`). On PostgreSQL a LISTEN connection wakes it as soon as a
+job or run changes; on SQLite it asks the database's commit counter a few times a second.
 """
 
 from __future__ import annotations
