@@ -173,7 +173,9 @@ class JobRun(models.Model):
     ACTIVE = (Status.QUEUED, Status.RUNNING)
     FINISHED = (Status.SUCCEEDED, Status.FAILED, Status.TIMED_OUT, Status.SKIPPED, Status.LOST)
 
-    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="runs")
+    # No index of its own: jobrun_one_per_fire (job, scheduled_for, attempt) and
+    # jobrun_job_status_idx (job, status) both lead with it, and every index costs each update.
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="runs", db_index=False)
     scheduled_for = models.DateTimeField(help_text="The fire time, or the request time of a manual run.")
     trigger = models.CharField(max_length=16, choices=Trigger.choices, default=Trigger.SCHEDULE)
     attempt = models.PositiveSmallIntegerField(default=1)
