@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple, TypeVar
 
@@ -44,7 +44,6 @@ class FireReport:
     jobs: int = 0
     queued: int = 0
     skipped: int = 0
-    queued_job_ids: list[int] = field(default_factory=list)
 
 
 class _DueJob(NamedTuple):
@@ -227,7 +226,6 @@ def fire_due_jobs(*, now: datetime, limit: int = FIRE_BATCH) -> FireReport:
             report.skipped += 1
         else:
             report.queued += 1
-            report.queued_job_ids.append(row.job_id)
     return report
 
 

@@ -110,18 +110,6 @@ def _field(model: type[Job] | type[JobRun], name: str) -> Field[Any, Any]:
     return field
 
 
-def _case(field_name: str, model: type[Job] | type[JobRun], values: dict[int, Any]) -> tuple[str, list[Any]]:
-    """`CASE id WHEN ... END` giving each row its own value (cast where PostgreSQL needs it)."""
-    field = _field(model, field_name)
-    sql = "CASE id " + " ".join(["WHEN %s THEN %s"] * len(values)) + " END"
-    if connection.features.requires_casted_case_in_updates:
-        sql = f"CAST({sql} AS {field.db_type(connection)})"
-    params: list[Any] = []
-    for pk, value in values.items():
-        params += [pk, field.get_db_prep_save(value, connection)]
-    return sql, params
-
-
 _OUTCOME_COLUMNS = "run_id, new_status, new_finished_at, new_result, new_error"
 
 
@@ -148,6 +136,24 @@ def _finish_sql() -> str:
     )
 
 
+# From `recorded` (the runs just written: id, job_id, started_at, status), each job's latest
+# run, and the UPDATE that shows it on the job; an older run never overwrites a newer one.
+_LATEST = (
+    "latest AS (SELECT job_id, started_at, status FROM recorded AS run WHERE NOT EXISTS "
+    "(SELECT 1 FROM recorded AS later WHERE later.job_id = run.job_id AND (later.started_at > run.started_at "
+    "OR (later.started_at = run.started_at AND later.id > run.id))))"
+)
+
+
+def _show_latest_sql() -> str:
+    jobs_table = connection.ops.quote_name(Job._meta.db_table)
+    return (
+        f"UPDATE {jobs_table} AS job SET last_run_at = latest.started_at, last_run_status = latest.status "
+        "FROM latest WHERE job.id = latest.job_id "
+        "AND (job.last_run_at IS NULL OR job.last_run_at <= latest.started_at)"
+    )
+
+
 def write_back_ctes(outcomes: list[Outcome], *, worker_id: int) -> tuple[str, list[Any]]:
     """PostgreSQL: common table expressions that write `outcomes` back, fenced, and show each
     job's latest run on the job; the ids of the runs written are in the one named `recorded`.
@@ -155,35 +161,37 @@ def write_back_ctes(outcomes: list[Outcome], *, worker_id: int) -> tuple[str, li
     Data-modifying CTEs run to completion whatever the statement selects, so the engine can
     put a claim in the same statement (`claiming.record_and_claim`).
     """
-    jobs_table = connection.ops.quote_name(Job._meta.db_table)
     values, params = _outcome_values(outcomes, cast=True)
     sql = (
         f"outcome ({_OUTCOME_COLUMNS}) AS (VALUES {values}), recorded AS ({_finish_sql()}), "
-        "latest AS (SELECT DISTINCT ON (job_id) job_id, started_at, status FROM recorded "
-        "ORDER BY job_id, started_at DESC, id DESC), "
-        f"shown AS (UPDATE {jobs_table} AS job SET last_run_at = latest.started_at, "
-        "last_run_status = latest.status FROM latest WHERE job.id = latest.job_id "
-        "AND (job.last_run_at IS NULL OR job.last_run_at <= latest.started_at) RETURNING job.id)"
+        f"{_LATEST}, shown AS ({_show_latest_sql()} RETURNING job.id)"
     )
     return sql, [*params, worker_id]
 
 
 def _finish_runs(outcomes: list[Outcome], worker_id: int) -> set[int]:
-    """Write the outcomes with one fenced UPDATE; return the ids of the runs it changed.
+    """Write the outcomes with one fenced UPDATE and show each job's latest run on the job;
+    return the ids of the runs written.
 
-    On PostgreSQL the same statement also shows each job's latest run on the job, so a batch
-    is one round trip; SQLite does that in `_set_last_runs`.
+    PostgreSQL does both in one statement (one round trip); SQLite, which has no data-modifying
+    CTEs, feeds the rows the first UPDATE returns into a second.
     """
     if connection.vendor == "postgresql":
         ctes, params = write_back_ctes(outcomes, worker_id=worker_id)
-        sql = f"WITH {ctes} SELECT id FROM recorded"
-    else:
-        values, params = _outcome_values(outcomes, cast=False)
-        sql = f"WITH outcome ({_OUTCOME_COLUMNS}) AS (VALUES {values}) {_finish_sql()}"
-        params.append(worker_id)
+        with connection.cursor() as cursor:
+            cursor.execute(f"WITH {ctes} SELECT id FROM recorded", params)
+            return {row[0] for row in cursor.fetchall()}
+    values, params = _outcome_values(outcomes, cast=False)
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        return {row[0] for row in cursor.fetchall()}
+        cursor.execute(f"WITH outcome ({_OUTCOME_COLUMNS}) AS (VALUES {values}) {_finish_sql()}", [*params, worker_id])
+        recorded = cursor.fetchall()
+        if recorded:
+            rows = ", ".join(["(%s, %s, %s, %s)"] * len(recorded))
+            cursor.execute(
+                f"WITH recorded (id, job_id, started_at, status) AS (VALUES {rows}), {_LATEST} {_show_latest_sql()}",
+                [value for row in recorded for value in row],
+            )
+    return {row[0] for row in recorded}
 
 
 def accepted_outcomes(outcomes: list[Outcome], recorded: set[int]) -> list[Outcome]:
@@ -211,27 +219,6 @@ def accepted_outcomes(outcomes: list[Outcome], recorded: set[int]) -> list[Outco
                 extra={"job_id": outcome.run.job_id, "run_id": outcome.run.pk},
             )
     return [outcome for outcome in outcomes if outcome.run.pk in recorded]
-
-
-def _set_last_runs(outcomes: list[Outcome]) -> None:
-    """Show each job's latest run on the job, in one UPDATE; an older run never overwrites a newer."""
-    latest: dict[int, Outcome] = {}
-    for outcome in outcomes:
-        started = outcome.run.started_at or outcome.finished_at
-        seen = latest.get(outcome.run.job_id)
-        if seen is None or started >= (seen.run.started_at or seen.finished_at):
-            latest[outcome.run.job_id] = outcome
-    started_at = {job_id: outcome.run.started_at or outcome.finished_at for job_id, outcome in latest.items()}
-    at_sql, at_params = _case("last_run_at", Job, started_at)
-    status_sql, status_params = _case("last_run_status", Job, {pk: o.status for pk, o in latest.items()})
-    jobs_table = connection.ops.quote_name(Job._meta.db_table)
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"UPDATE {jobs_table} SET last_run_at = {at_sql}, last_run_status = {status_sql} "
-            f"WHERE id IN ({', '.join(['%s'] * len(latest))}) "
-            f"AND (last_run_at IS NULL OR last_run_at <= {at_sql})",
-            [*at_params, *status_params, *latest, *at_params],
-        )
 
 
 # What a write-back raises when the database refuses a value (rather than going away): psycopg2
@@ -290,8 +277,6 @@ def record_outcomes(outcomes: Iterable[Outcome], *, worker_id: int) -> list[Outc
     with nullcontext() if one_statement else transaction.atomic(savepoint=False):
         finished = _finish_runs(outcomes, worker_id)
         accepted = accepted_outcomes(outcomes, finished)
-        if accepted and connection.vendor != "postgresql":
-            _set_last_runs(accepted)
         retries = [
             JobRun(
                 job=outcome.run.job,
