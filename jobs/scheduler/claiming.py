@@ -9,12 +9,14 @@ Either way the unique constraint on (job, scheduled_for, attempt) makes a double
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
+import weakref
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple, TypeVar
 
-from django.db import DEFAULT_DB_ALIAS, connection, connections, transaction
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connection, connections, transaction
 from django.db.models import Model, Q
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
@@ -372,17 +374,75 @@ def record_and_claim(
     """
     ctes, write_params = write_back
     claim, claim_params = _claim_sql(worker_id=worker_id, slots=slots, now=now, returning="*")
+    sql = f"WITH {ctes}, claimed AS ({claim}) " + _claimed_with_jobs(
+        "(SELECT array_agg(id) FROM recorded) AS recorded_ids"
+    )
     with connection.cursor() as cursor:
-        cursor.execute(
-            f"WITH {ctes}, claimed AS ({claim}) "
-            + _claimed_with_jobs("(SELECT array_agg(id) FROM recorded) AS recorded_ids"),
-            [*write_params, *claim_params],
-        )
+        execute_prepared(cursor, sql, [*write_params, *claim_params])
         rows = cursor.fetchall()
     recorded = set(rows[0][0] or []) if rows else set()
     claimed = [row for row in rows if row[1] is not None]
     runs = _instances(JobRun, claimed, offset=1)
     return recorded, _with_jobs(runs, _instances(Job, claimed, offset=1 + len(_columns(JobRun))))
+
+
+# PostgreSQL SQLSTATEs: a prepared statement that is not there (the session was reset, or a
+# transaction-mode pooler sent the statement to another server session); one already there.
+_NOT_PREPARED, _ALREADY_PREPARED = "26000", "42P05"
+# Per connection (the driver's own object, kept alive by the key): the statements prepared on
+# it, or None once preparing has been given up there.
+_prepared: weakref.WeakKeyDictionary[Any, set[str] | None] = weakref.WeakKeyDictionary()
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    return getattr(exc.__cause__, "pgcode", None)
+
+
+@functools.lru_cache(maxsize=64)
+def _prepared_forms(sql: str, count: int) -> tuple[str, str, str]:
+    """The name, the PREPARE text ($1, $2, ... for the `%s`) and the EXECUTE of a statement."""
+    text = sql % tuple(f"${number}" for number in range(1, count + 1))
+    name = "jobs_" + hashlib.sha1(text.encode()).hexdigest()[:20]
+    return name, text, f"EXECUTE {name} ({_placeholders(count)})"
+
+
+def execute_prepared(cursor: Any, sql: str, params: list[Any]) -> None:
+    """PostgreSQL: run `sql` (with `%s` placeholders) as a server-side prepared statement.
+
+    The engine's pass is one statement of fixed text run a few hundred times a second in a
+    burst; planning it each time costs about as much as running it. The statement is prepared
+    the first time this connection runs it (its name is a hash of its text, so a session that
+    already has that name has this statement) and then only executed. If the server session
+    lost it twice over (a connection pooler in transaction mode hands each statement to any
+    server session), this connection goes back to plain statements.
+    """
+    raw = connection.connection
+    if connection.in_atomic_block or raw is None:
+        cursor.execute(sql, params)  # a failed EXECUTE would abort the surrounding transaction
+        return
+    names = _prepared.setdefault(raw, set())
+    if names is None:
+        cursor.execute(sql, params)
+        return
+    name, text, execute = _prepared_forms(sql, len(params))
+    for _ in range(2):
+        if name not in names:
+            try:
+                cursor.execute(f"PREPARE {name} AS {text}")
+            except DatabaseError as exc:
+                if _sqlstate(exc) != _ALREADY_PREPARED:
+                    raise
+            names.add(name)
+        try:
+            cursor.execute(execute, params)
+            return
+        except DatabaseError as exc:
+            if _sqlstate(exc) != _NOT_PREPARED:
+                raise
+            names.discard(name)
+    logger.warning("prepared statements keep vanishing on this connection (a pooler?); using plain statements")
+    _prepared[raw] = None
+    cursor.execute(sql, params)
 
 
 def _aware(value: datetime | str | None) -> datetime | None:

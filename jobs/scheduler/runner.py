@@ -113,11 +113,14 @@ def _field(model: type[Job] | type[JobRun], name: str) -> Field[Any, Any]:
 _OUTCOME_COLUMNS = "run_id, new_status, new_finished_at, new_result, new_error"
 
 
-def _outcome_values(outcomes: list[Outcome], *, cast: bool) -> tuple[str, list[Any]]:
-    """`VALUES` rows of (run id, status, finished_at, result, error); typed where PostgreSQL needs it."""
+def _placeholders(count: int) -> str:
+    return ", ".join(["%s"] * count)
+
+
+def _outcome_values(outcomes: list[Outcome]) -> tuple[str, list[Any]]:
+    """SQLite: `VALUES` rows of (run id, status, finished_at, result, error)."""
     fields = [_field(JobRun, name) for name in ("status", "finished_at", "result", "error")]
-    cells = ["%s"] + [f"CAST(%s AS {field.db_type(connection)})" if cast else "%s" for field in fields]
-    row = f"({', '.join(cells)})"
+    row = f"({_placeholders(1 + len(fields))})"
     params: list[Any] = []
     for outcome in outcomes:
         params.append(outcome.run.pk)
@@ -154,16 +157,42 @@ def _show_latest_sql() -> str:
     )
 
 
+def _outcome_arrays(outcomes: list[Outcome]) -> tuple[str, list[Any]]:
+    """PostgreSQL: the outcome rows as one array per column, unnested into rows.
+
+    The statement's text is the same whatever the number of outcomes, so it can be prepared
+    once per connection (`claiming.record_and_claim`).
+    """
+    fields = [_field(JobRun, name) for name in ("status", "finished_at", "result", "error")]
+    # The results go as JSON text: a text[] parameter, cast to the column's type in the query.
+    arrays = ["CAST(%s AS bigint[])"] + [
+        f"CAST(CAST(%s AS text[]) AS {field.db_type(connection)}[])"
+        if field.name == "result"
+        else f"CAST(%s AS {field.db_type(connection)}[])"
+        for field in fields
+    ]
+    results = [None if outcome.result is None else json.dumps(outcome.result) for outcome in outcomes]
+    params: list[Any] = [
+        [outcome.run.pk for outcome in outcomes],
+        [outcome.status for outcome in outcomes],
+        [outcome.finished_at for outcome in outcomes],
+        results,  # JSON text; the cast to jsonb[] parses it
+        [outcome.error for outcome in outcomes],
+    ]
+    return f"SELECT * FROM unnest({', '.join(arrays)})", params
+
+
 def write_back_ctes(outcomes: list[Outcome], *, worker_id: int) -> tuple[str, list[Any]]:
     """PostgreSQL: common table expressions that write `outcomes` back, fenced, and show each
     job's latest run on the job; the ids of the runs written are in the one named `recorded`.
 
     Data-modifying CTEs run to completion whatever the statement selects, so the engine can
-    put a claim in the same statement (`claiming.record_and_claim`).
+    put a claim in the same statement (`claiming.record_and_claim`). The outcomes are passed
+    as arrays, so the text does not depend on how many there are (none is fine).
     """
-    values, params = _outcome_values(outcomes, cast=True)
+    rows, params = _outcome_arrays(outcomes)
     sql = (
-        f"outcome ({_OUTCOME_COLUMNS}) AS (VALUES {values}), recorded AS ({_finish_sql()}), "
+        f"outcome ({_OUTCOME_COLUMNS}) AS ({rows}), recorded AS ({_finish_sql()}), "
         f"{_LATEST}, shown AS ({_show_latest_sql()} RETURNING job.id)"
     )
     return sql, [*params, worker_id]
@@ -181,7 +210,7 @@ def _finish_runs(outcomes: list[Outcome], worker_id: int) -> set[int]:
         with connection.cursor() as cursor:
             cursor.execute(f"WITH {ctes} SELECT id FROM recorded", params)
             return {row[0] for row in cursor.fetchall()}
-    values, params = _outcome_values(outcomes, cast=False)
+    values, params = _outcome_values(outcomes)
     with connection.cursor() as cursor:
         cursor.execute(f"WITH outcome ({_OUTCOME_COLUMNS}) AS (VALUES {values}) {_finish_sql()}", [*params, worker_id])
         recorded = cursor.fetchall()

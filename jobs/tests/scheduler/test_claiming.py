@@ -227,6 +227,93 @@ def test_postgres_records_outcomes_and_claims_in_one_statement(make_job, now):
     assert recorded == {outcome.run.pk for outcome in done} and claimed == []
 
 
+def _prepared_statements() -> list[str]:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT name FROM pg_prepared_statements")
+        return [row[0] for row in cursor.fetchall()]
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_postgres_prepares_the_pass_once_and_prepares_again_when_the_session_lost_it(make_job, now):
+    """Outside a transaction (as in the engine) the pass is a prepared statement; every kind of
+    result goes through its JSON parameter; a session reset (DISCARD ALL, a pooler) is survived."""
+    from django.test.utils import CaptureQueriesContext
+
+    from jobs.scheduler import runner
+
+    worker = _worker(now)
+    for i in range(8):
+        make_job(now=now - timedelta(seconds=30), overlap_policy="allow", name=f"j{i}")
+    claiming.fire_due_jobs(now=now)
+    later = now + timedelta(seconds=1)
+    held = claiming.claim_runs(worker_id=worker.pk, slots=2, now=now)
+    results = [{"rows": 3, "note": "naïve ☃"}, "text", [1, 2.5, None], None, 7, {"nested": {"a": [True]}}]
+    written = {}
+    for number, result in enumerate(results):
+        outcomes = [runner.Outcome(held[0], "succeeded", later, result=result)]
+        outcomes.append(runner.Outcome(held[1], "failed", later, error=f"boom {number}"))
+        written.update({held[0].pk: result, held[1].pk: None})
+        if number == 3:
+            with connection.cursor() as cursor:
+                cursor.execute("DEALLOCATE ALL")  # what DISCARD ALL or a new server session does
+        with CaptureQueriesContext(connection) as captured:
+            recorded, held = claiming.record_and_claim(
+                runner.write_back_ctes(outcomes, worker_id=worker.pk), worker_id=worker.pk, slots=2, now=later
+            )
+        statements = [query["sql"].split()[0] for query in captured.captured_queries]
+        if number == 0:  # prepared here, unless an earlier test on this connection did
+            assert statements in (["PREPARE", "EXECUTE"], ["EXECUTE"])
+        elif number == 3:  # the session lost it: refused, prepared again, run
+            assert statements == ["EXECUTE", "PREPARE", "EXECUTE"]
+        else:
+            assert statements == ["EXECUTE"]
+        assert recorded == {outcome.run.pk for outcome in outcomes}
+        if number < 3:
+            assert len(held) == 2
+        else:
+            break
+    assert len(_prepared_statements()) == 1
+    stored = dict(JobRun.objects.filter(pk__in=written).values_list("pk", "result"))
+    assert stored == written
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_postgres_goes_back_to_plain_statements_when_prepared_ones_keep_vanishing(make_job, now, caplog):
+    """Behind a pooler in transaction mode each statement may reach another server session."""
+    worker = _worker(now)
+    make_job(now=now - timedelta(seconds=30), overlap_policy="allow")
+    claiming.fire_due_jobs(now=now)
+
+    def forget_before_execute(execute, sql, params, many, context):
+        if sql.startswith("EXECUTE"):
+            with connection.connection.cursor() as cursor:
+                cursor.execute("DEALLOCATE ALL")
+        return execute(sql, params, many, context)
+
+    from jobs.scheduler import runner
+
+    with connection.execute_wrapper(forget_before_execute):
+        recorded, held = claiming.record_and_claim(
+            runner.write_back_ctes([], worker_id=worker.pk), worker_id=worker.pk, slots=1, now=now
+        )
+    assert recorded == set() and len(held) == 1
+    assert "using plain statements" in caplog.text
+    # From then on this connection sends the statement as it is.
+    from django.test.utils import CaptureQueriesContext
+
+    with CaptureQueriesContext(connection) as captured:
+        claiming.record_and_claim(
+            runner.write_back_ctes([runner.Outcome(held[0], "succeeded", now)], worker_id=worker.pk),
+            worker_id=worker.pk,
+            slots=1,
+            now=now,
+        )
+    assert [query["sql"].split()[0] for query in captured.captured_queries] == ["WITH"]
+    assert JobRun.objects.get().status == "succeeded"
+
+
 def test_a_job_whose_schedule_cannot_be_computed_is_skipped_alone_and_tried_again(make_job, now, caplog):
     broken = make_job(now=now - timedelta(seconds=30), name="broken")
     healthy = make_job(now=now - timedelta(seconds=30), name="healthy")
