@@ -150,7 +150,10 @@ class Engine:
         self.shutdown_grace = float(shutdown_grace if shutdown_grace is not None else get("SHUTDOWN_GRACE_SECONDS"))
         self.process: SchedulerProcess | None = None
         self._wake = threading.Event()
-        self._done: queue.SimpleQueue[runner.Outcome] = queue.SimpleQueue()
+        # Outcomes handed back by the worker threads, under `_finished`.
+        self._finished = threading.Condition()
+        self._done: list[runner.Outcome] = []
+        self._awaited = 0  # outcomes the engine waits for: its runs in flight
         self._inflight: dict[int, _Inflight] = {}
         self._workers = _Workers(self._work)
         # Outcomes taken from finished or timed-out runs and not yet committed: a failed write
@@ -363,8 +366,7 @@ class Engine:
         if claim:
             # A full claim means more runs may be waiting.
             self._backlog = len(runs) == free
-        for run in runs:
-            self._start(run)
+        self._start(runs)
         return report
 
     def _recorded(self, accepted: list[runner.Outcome], sink: list[runner.Outcome]) -> None:
@@ -375,19 +377,31 @@ class Engine:
         if any(outcome.status != "succeeded" for outcome in accepted):
             self._check_stale = True  # a retry may now be queued; look for it when it is due
 
-    def _start(self, run: Any) -> None:
-        lateness = (run.started_at - run.scheduled_for).total_seconds()
-        logger.info(
-            "run started job=%s run=%s attempt=%s trigger=%s lateness=%.3fs",
-            run.job_id,
-            run.pk,
-            run.attempt,
-            run.trigger,
-            lateness,
-            extra={"job_id": run.job_id, "run_id": run.pk, "status": "running", "lateness_seconds": lateness},
-        )
-        self._inflight[run.pk] = _Inflight(run, time.monotonic() + run.job.timeout_seconds)
-        self._workers.submit(run)
+    def _start(self, runs: list[Any]) -> None:
+        """Log the claimed runs as started, then hand them to worker threads.
+
+        Logging first keeps the workers from competing with this thread (for the interpreter
+        lock) until it goes to sleep.
+        """
+        if not runs:
+            return
+        now_mono = time.monotonic()
+        for run in runs:
+            lateness = (run.started_at - run.scheduled_for).total_seconds()
+            logger.info(
+                "run started job=%s run=%s attempt=%s trigger=%s lateness=%.3fs",
+                run.job_id,
+                run.pk,
+                run.attempt,
+                run.trigger,
+                lateness,
+                extra={"job_id": run.job_id, "run_id": run.pk, "status": "running", "lateness_seconds": lateness},
+            )
+            self._inflight[run.pk] = _Inflight(run, now_mono + run.job.timeout_seconds)
+        with self._finished:
+            self._awaited = len(self._inflight)
+        for run in runs:
+            self._workers.submit(run)
 
     def _work(self, run: Any) -> None:
         try:
@@ -399,8 +413,16 @@ class Engine:
             # The worker thread's own connection, if the executor used one, is not kept open
             # while the thread idles.
             connections.close_all()
-        self._done.put(outcome)
-        self._wake.set()
+        # Wake the engine for the first outcome (to record it soon) and for the last one it
+        # waits for (to record them all together), not for each one.
+        with self._finished:
+            self._done.append(outcome)
+            last = len(self._done) >= self._awaited
+            if last:
+                self._finished.notify()
+            wake = last or len(self._done) == 1
+        if wake:
+            self._wake.set()
 
     def _take_outcomes(self) -> None:
         """Take the outcomes of finished runs and of runs past their timeout, freeing their slots.
@@ -408,21 +430,19 @@ class Engine:
         The late outcome of a run that already timed out is ignored: its thread cannot be
         killed, so it was abandoned.
         """
-        if not self._done.empty():
-            deadline = time.monotonic() + GATHER_SECONDS
-            while self._done.qsize() < len(self._inflight) and time.monotonic() < deadline:
-                time.sleep(GATHER_SECONDS / 10)
-        while True:
-            try:
-                outcome = self._done.get_nowait()
-            except queue.Empty:
-                break
+        with self._finished:
+            if self._done:
+                self._finished.wait_for(lambda: len(self._done) >= self._awaited, GATHER_SECONDS)
+            done, self._done = self._done, []
+        for outcome in done:
             if self._inflight.pop(outcome.run.pk, None) is not None:
                 self._unrecorded.append(outcome)
         now_mono = time.monotonic()
         expired = [run_id for run_id, item in self._inflight.items() if item.deadline <= now_mono]
         for run_id in expired:
             self._unrecorded.append(runner.timed_out(self._inflight.pop(run_id).run, self.clock()))
+        with self._finished:
+            self._awaited = len(self._inflight)
 
     def _log_finished(self, accepted: list[runner.Outcome]) -> None:
         for outcome in accepted:

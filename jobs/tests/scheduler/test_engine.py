@@ -236,3 +236,48 @@ def test_worker_threads_are_reused_then_end_when_idle_and_come_back_on_demand():
     finished.clear()
     workers.submit("d")
     assert finished.wait(5) and len(done) == 4
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_quick_run_is_recorded_while_a_slow_one_runs_and_quick_ones_are_written_together(make_job):
+    """Workers wake the engine for the first outcome and for the last one it waits for: a run
+    that ends early is not held back by a long one, and runs ending together share a write."""
+    import threading
+
+    from django.db import connections
+    from django.utils import timezone
+
+    from jobs.scheduler.engine import Engine
+
+    due = timezone.now() - timedelta(seconds=61)
+    slow = make_job(now=due, job_type="test_sleep", parameters={"seconds": 3}, name="slow")
+    quick = [make_job(now=due, name=f"quick {i}") for i in range(4)]
+    engine = Engine(max_concurrent=5, max_sleep=5, heartbeat_seconds=3600)
+    writes: list[str] = []
+
+    def count_writes(execute, sql, params, many, context):
+        if "new_status" in sql or (sql.startswith("EXECUTE") and threading.current_thread() is loop):
+            writes.append(sql)
+        return execute(sql, params, many, context)
+
+    def run() -> None:
+        with connection.execute_wrapper(count_writes):
+            engine.run_forever()
+
+    loop = threading.Thread(target=run, daemon=True)
+    loop.start()
+    try:
+        deadline = time.monotonic() + 2.5
+        done = JobRun.objects.filter(job__in=quick, status="succeeded")
+        while done.count() < 4:
+            assert time.monotonic() < deadline, "the quick runs waited for the slow one"
+            time.sleep(0.02)
+        assert JobRun.objects.get(job=slow).status == "running"
+    finally:
+        engine.request_stop()
+        loop.join(10)
+        connections.close_all()
+    assert JobRun.objects.get(job=slow).status == "succeeded"
+    # The four quick runs, then the slow one: two writes (three if a quick run straggled past
+    # the gathering window), not one per run.
+    assert 2 <= len(writes) <= 3, writes
