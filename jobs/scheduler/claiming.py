@@ -127,16 +127,39 @@ def _plan_runs(job: _DueJob, fires: list[datetime], now: datetime, active: bool)
     return rows
 
 
+_RUN_COLUMNS = (
+    "job_id, scheduled_for, not_before, trigger, attempt, status, missed_fires, skip_reason, error, "
+    "finished_at, created_at"
+)
+_ON_CONFLICT = "ON CONFLICT (job_id, scheduled_for, attempt) DO NOTHING"
+
+
+def _insert_plain_runs(job_ids: list[int]) -> None:
+    """Insert a queued run for each job's stored next fire time, computed by the database.
+
+    Most fires are plain: one on-time run at the job's `next_run_at`. Only the job ids are sent
+    (not eleven values per run), so a burst of due jobs costs little to send. It must run
+    before `next_run_at` is advanced. A fire that already has its row is skipped.
+    """
+    runs_table = connection.ops.quote_name(JobRun._meta.db_table)
+    jobs_table = connection.ops.quote_name(Job._meta.db_table)
+    created_at = connection.ops.adapt_datetimefield_value(timezone.now())
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {runs_table} ({_RUN_COLUMNS}) SELECT id, next_run_at, next_run_at, "
+            f"'{JobRun.Trigger.SCHEDULE}', 1, '{JobRun.Status.QUEUED}', 0, '', '', NULL, %s FROM {jobs_table} "
+            f"WHERE id IN ({_placeholders(len(job_ids))}) {_ON_CONFLICT}",
+            [created_at, *job_ids],
+        )
+
+
 def _insert_runs(planned: list[_Planned], now: datetime) -> None:
     """Insert the planned runs with multi-row INSERTs; a fire that already has its row is skipped.
 
     The conflict target is the unique (job, scheduled_for, attempt): a double fire cannot land.
     """
     table = connection.ops.quote_name(JobRun._meta.db_table)
-    columns = (
-        "job_id, scheduled_for, not_before, trigger, attempt, status, missed_fires, skip_reason, error, "
-        "finished_at, created_at"
-    )
+    columns = _RUN_COLUMNS
     per_row = 11
     limit = connection.features.max_query_params or 65535
     size = max(1, min(len(planned), limit // per_row))
@@ -159,8 +182,7 @@ def _insert_runs(planned: list[_Planned], now: datetime) -> None:
         values = ", ".join([f"({_placeholders(per_row)})"] * len(chunk))
         with connection.cursor() as cursor:
             cursor.execute(
-                f"INSERT INTO {table} ({columns}) VALUES {values} "
-                "ON CONFLICT (job_id, scheduled_for, attempt) DO NOTHING",
+                f"INSERT INTO {table} ({columns}) VALUES {values} {_ON_CONFLICT}",
                 params,
             )
 
@@ -168,8 +190,9 @@ def _insert_runs(planned: list[_Planned], now: datetime) -> None:
 def fire_due_jobs(*, now: datetime, limit: int = FIRE_BATCH) -> FireReport:
     """Turn due jobs into runs and advance their next fire time, in one short transaction.
 
-    Three statements whatever the number of jobs (more only when their next fire times differ):
-    lock the due jobs (with whether each has an active run), insert the runs, advance the jobs.
+    Three statements whatever the number of jobs: lock the due jobs (with whether each has an
+    active run), insert the runs, advance the jobs. More only when their next fire times differ,
+    or when some fires are not plain (missed fires, overlaps, skips) and need values of their own.
     Inside an outer transaction (on SQLite the engine claims the new runs in the same one) no
     savepoint is made.
     """
@@ -192,6 +215,7 @@ def fire_due_jobs(*, now: datetime, limit: int = FIRE_BATCH) -> FireReport:
         if not jobs:
             return report
         planned: list[_Planned] = []
+        plain: list[int] = []  # jobs whose one run is queued at their stored next_run_at
         advanced: dict[datetime | None, list[int]] = {}
         for job in jobs:
             try:
@@ -212,8 +236,14 @@ def fire_due_jobs(*, now: datetime, limit: int = FIRE_BATCH) -> FireReport:
                 planned.append(_Planned(job.id, job.next_run_at, JobRun.Status.SKIPPED.value, skip_reason=reason))
                 advanced.setdefault(now + BROKEN_SCHEDULE_RETRY, []).append(job.id)
                 continue
-            planned.extend(_plan_runs(job, fires, now, job.active))
+            runs = _plan_runs(job, fires, now, job.active)
+            if len(runs) == 1 and runs[0] == _Planned(job.id, job.next_run_at):
+                plain.append(job.id)
+            else:
+                planned.extend(runs)
             advanced.setdefault(following, []).append(job.id)
+        if plain:
+            _insert_plain_runs(plain)
         if planned:
             _insert_runs(planned, now)
         # Jobs on the same schedule share their next fire time: one UPDATE per distinct time.
@@ -223,6 +253,7 @@ def fire_due_jobs(*, now: datetime, limit: int = FIRE_BATCH) -> FireReport:
                 [adapt(following), *ids],
             )
     report.jobs = len(jobs)
+    report.queued = len(plain)
     for row in planned:
         if row.status == JobRun.Status.SKIPPED:
             report.skipped += 1

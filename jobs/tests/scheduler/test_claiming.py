@@ -81,6 +81,38 @@ def test_a_fire_cannot_be_recorded_twice(make_job, now):
     assert job.runs.count() == 1
 
 
+def test_plain_and_other_fires_in_one_batch_are_each_recorded_in_full(make_job, now):
+    """Plain fires (one on-time run at the stored next_run_at) are inserted by the database from
+    the job rows, the others with values of their own: both kinds land in full, in one batch."""
+    from django.test.utils import CaptureQueriesContext
+
+    plain = [make_job(now=now - timedelta(seconds=30), name=f"plain {i}") for i in range(3)]
+    missed = make_job(now=now - timedelta(hours=3, minutes=30), cron="0 * * * *", name="missed")
+    busy = make_job(now=now - timedelta(seconds=30), name="busy")
+    JobRun.objects.create(job=busy, scheduled_for=now - timedelta(minutes=5), not_before=now, status="running")
+    with CaptureQueriesContext(connection) as captured:
+        report = claiming.fire_due_jobs(now=now)
+    inserts = [query["sql"] for query in captured.captured_queries if query["sql"].startswith("INSERT")]
+    assert len(inserts) == 2 and "SELECT id, next_run_at" in inserts[0] and "VALUES" in inserts[1]
+    assert (report.jobs, report.queued, report.skipped) == (5, 4, 2)
+    for job in plain:
+        run = job.runs.get()
+        assert (run.scheduled_for, run.not_before, run.trigger, run.attempt, run.status) == (
+            now,
+            now,
+            "schedule",
+            1,
+            "queued",
+        )
+        assert (run.missed_fires, run.skip_reason, run.error, run.finished_at, run.result) == (0, "", "", None, None)
+        assert run.started_at is None and run.worker_id is None and run.created_at is not None
+        job.refresh_from_db()
+        assert job.next_run_at == now + timedelta(minutes=1)
+    # 09:00 to 11:00 missed (one skipped row stands for them), 12:00 on time.
+    assert _runs(missed) == [(now - timedelta(hours=1), "skipped", 2), (now, "queued", 0)]
+    assert busy.runs.get(scheduled_for=now).status == "skipped"
+
+
 def test_claim_takes_no_more_than_the_free_slots_and_never_twice(make_job, now):
     worker = _worker(now)
     for _ in range(5):
