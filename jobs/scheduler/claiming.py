@@ -12,10 +12,12 @@ import functools
 import hashlib
 import logging
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple, TypeVar
 
+from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, connection, connections, transaction
 from django.db.models import Model, Q
 from django.utils import timezone
@@ -270,21 +272,35 @@ def _columns(model: type[Model]) -> list[str]:
     return [field.column for field in model._meta.concrete_fields]
 
 
+def _aware_datetime(tz: Any) -> Callable[[Any, Any, Any], Any]:
+    """SQLite's datetime converter, for the engine's hot path: the driver has already parsed the
+    value (Django registers that), so all that is left is to attach the connection's time zone,
+    as `DatabaseOperations.convert_datetimefield_value` does, without its per-value lookups."""
+
+    def convert(value: Any, expression: Any, wrapper: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, datetime):
+            value = parse_datetime(value)
+        return value if value.tzinfo is not None else value.replace(tzinfo=tz)
+
+    return convert
+
+
 @functools.cache
 def _loader(model: type[Model], vendor: str) -> tuple[list[str], list[tuple[int, Any, list[Any]]]]:
     """The attribute names of `_columns(model)` and, per column that needs any, its converters."""
-    del vendor  # part of the cache key: converters differ per database
     columns = [field.get_col(model._meta.db_table) for field in model._meta.concrete_fields]
-    converters = [
-        (
-            index,
-            column,
-            # django-stubs does not declare Field.get_db_converters (Django has it since 1.8).
-            [*connection.ops.get_db_converters(column), *column.field.get_db_converters(connection)],  # type: ignore[attr-defined]
-        )
-        for index, column in enumerate(columns)
-    ]
-    return [field.attname for field in model._meta.concrete_fields], [item for item in converters if item[2]]
+    converters = []
+    for index, column in enumerate(columns):
+        # django-stubs does not declare Field.get_db_converters (Django has it since 1.8).
+        functions = [*connection.ops.get_db_converters(column), *column.field.get_db_converters(connection)]  # type: ignore[attr-defined]
+        sqlite_datetime = getattr(connection.ops, "convert_datetimefield_value", None)  # SQLite's ops have it
+        if vendor == "sqlite" and settings.USE_TZ and functions == [sqlite_datetime]:
+            functions = [_aware_datetime(connection.timezone)]
+        if functions:
+            converters.append((index, column, functions))
+    return [field.attname for field in model._meta.concrete_fields], converters
 
 
 def _instances(model: type[ModelT], rows: list[tuple[Any, ...]], offset: int = 0) -> list[ModelT]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
@@ -157,12 +158,10 @@ def _show_latest_sql() -> str:
     )
 
 
-def _outcome_arrays(outcomes: list[Outcome]) -> tuple[str, list[Any]]:
-    """PostgreSQL: the outcome rows as one array per column, unnested into rows.
-
-    The statement's text is the same whatever the number of outcomes, so it can be prepared
-    once per connection (`claiming.record_and_claim`).
-    """
+@functools.cache
+def _unnest_outcomes(vendor: str) -> str:
+    """PostgreSQL: `SELECT` of the outcome rows from one array parameter per column."""
+    del vendor  # part of the cache key: the column types are the database's
     fields = [_field(JobRun, name) for name in ("status", "finished_at", "result", "error")]
     # The results go as JSON text: a text[] parameter, cast to the column's type in the query.
     arrays = ["CAST(%s AS bigint[])"] + [
@@ -171,6 +170,15 @@ def _outcome_arrays(outcomes: list[Outcome]) -> tuple[str, list[Any]]:
         else f"CAST(%s AS {field.db_type(connection)}[])"
         for field in fields
     ]
+    return f"SELECT * FROM unnest({', '.join(arrays)})"
+
+
+def _outcome_arrays(outcomes: list[Outcome]) -> tuple[str, list[Any]]:
+    """PostgreSQL: the outcome rows as one array per column, unnested into rows.
+
+    The statement's text is the same whatever the number of outcomes, so it can be prepared
+    once per connection (`claiming.record_and_claim`).
+    """
     results = [None if outcome.result is None else json.dumps(outcome.result) for outcome in outcomes]
     params: list[Any] = [
         [outcome.run.pk for outcome in outcomes],
@@ -179,7 +187,7 @@ def _outcome_arrays(outcomes: list[Outcome]) -> tuple[str, list[Any]]:
         results,  # JSON text; the cast to jsonb[] parses it
         [outcome.error for outcome in outcomes],
     ]
-    return f"SELECT * FROM unnest({', '.join(arrays)})", params
+    return _unnest_outcomes(connection.vendor), params
 
 
 def write_back_ctes(outcomes: list[Outcome], *, worker_id: int) -> tuple[str, list[Any]]:

@@ -126,6 +126,23 @@ def test_claim_takes_no_more_than_the_free_slots_and_never_twice(make_job, now):
     assert JobRun.objects.filter(status="running", worker=worker).count() == 5
 
 
+def test_claimed_runs_and_jobs_hold_exactly_what_the_orm_would_load(make_job, now):
+    """The claim builds model instances from raw rows with its own fast converters; every field
+    must equal what the ORM reads (aware datetimes in UTC, decoded JSON, booleans)."""
+    worker = _worker(now)
+    make_job(now=now - timedelta(seconds=30), job_type="test_sleep", parameters={"seconds": 0.5}, name="j")
+    claiming.fire_due_jobs(now=now)
+    (run,) = claiming.claim_runs(worker_id=worker.pk, slots=1, now=now + timedelta(microseconds=123456))
+    fresh = JobRun.objects.select_related("job").get(pk=run.pk)
+    for model_instance, orm_instance in ((run, fresh), (run.job, fresh.job)):
+        for field in type(orm_instance)._meta.concrete_fields:
+            claimed, loaded = getattr(model_instance, field.attname), getattr(orm_instance, field.attname)
+            assert claimed == loaded and type(claimed) is type(loaded), field.name
+            if hasattr(loaded, "tzinfo") and loaded is not None:
+                assert claimed.utcoffset() == timedelta(0), field.name
+    assert run.started_at == now + timedelta(microseconds=123456)
+
+
 def test_claim_respects_not_before(make_job, now):
     worker = _worker(now)
     job = make_job(now=now, cron="0 0 1 1 *")
