@@ -205,7 +205,8 @@ def fire_due_jobs(*, now: datetime, limit: int = FIRE_BATCH) -> FireReport:
     lock = f" FOR UPDATE OF {jobs_table} SKIP LOCKED" if connection.features.has_select_for_update_skip_locked else ""
     adapt = connection.ops.adapt_datetimefield_value
     with transaction.atomic(savepoint=False), connection.cursor() as cursor:
-        # The partial index job_due_idx answers `enabled AND next_run_at <= now`.
+        # The partial index job_due_idx answers `enabled AND next_run_at <= now`, and
+        # jobrun_active_idx (whose condition lists the same statuses) the EXISTS.
         cursor.execute(
             f"SELECT id, cron_expression, timezone, next_run_at, misfire_policy, misfire_grace_seconds, "
             f"overlap_policy, EXISTS (SELECT 1 FROM {runs_table} AS run WHERE run.job_id = {jobs_table}.id "

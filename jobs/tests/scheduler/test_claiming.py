@@ -113,6 +113,25 @@ def test_plain_and_other_fires_in_one_batch_are_each_recorded_in_full(make_job, 
     assert busy.runs.get(scheduled_for=now).status == "skipped"
 
 
+def test_the_fire_reads_jobs_and_active_runs_through_their_partial_indexes(make_job, now):
+    """Partial indexes are used only when the query's condition implies the index's: a change to
+    either side (another status list, say) would turn each fire into a scan of the history."""
+    from django.test.utils import CaptureQueriesContext
+
+    make_job(now=now - timedelta(seconds=30))
+    with CaptureQueriesContext(connection) as captured:
+        claiming.fire_due_jobs(now=now)
+    select = next(query["sql"] for query in captured.captured_queries if query["sql"].startswith("SELECT"))
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute("SET LOCAL enable_seqscan = off")  # an empty table would be scanned anyway
+            cursor.execute(f"EXPLAIN {select}")
+        else:
+            cursor.execute(f"EXPLAIN QUERY PLAN {select}")
+        plan = " ".join(str(row[-1]) for row in cursor.fetchall())
+    assert "job_due_idx" in plan and "jobrun_active_idx" in plan, plan
+
+
 def test_claim_takes_no_more_than_the_free_slots_and_never_twice(make_job, now):
     worker = _worker(now)
     for _ in range(5):
