@@ -119,14 +119,14 @@ def _placeholders(count: int) -> str:
 
 
 def _outcome_values(outcomes: list[Outcome]) -> tuple[str, list[Any]]:
-    """SQLite: `VALUES` rows of (run id, status, finished_at, result, error)."""
-    fields = [_field(JobRun, name) for name in ("status", "finished_at", "result", "error")]
-    row = f"({_placeholders(1 + len(fields))})"
+    """SQLite: `VALUES` rows of (run id, status, finished_at, result, error), adapted as the
+    ORM would store them (the result as JSON text, as on PostgreSQL)."""
+    adapt = connection.ops.adapt_datetimefield_value
     params: list[Any] = []
     for outcome in outcomes:
-        params.append(outcome.run.pk)
-        params += [field.get_db_prep_save(getattr(outcome, field.name), connection) for field in fields]
-    return ", ".join([row] * len(outcomes)), params
+        result = None if outcome.result is None else json.dumps(outcome.result)
+        params += [outcome.run.pk, str(outcome.status), adapt(outcome.finished_at), result, outcome.error]
+    return ", ".join([f"({_placeholders(5)})"] * len(outcomes)), params
 
 
 def _finish_sql() -> str:

@@ -168,3 +168,18 @@ def test_an_outcome_sent_again_after_a_lost_reply_counts_as_written(running, now
     assert runner.record_outcomes([other], worker_id=worker.pk) == []
     assert "outcome discarded" in caplog.text
     assert JobRun.objects.get(pk=run.pk).status == "succeeded"
+
+
+@pytest.mark.parametrize(
+    "result", [None, {"rows": 3, "note": "naïve ☃", "nested": {"a": [True, None]}}, "text", [1, 2.5], 7, False]
+)
+def test_an_outcome_is_stored_as_the_orm_would_store_it(running, now, result):
+    """The write-back adapts values itself (not through the model fields); what the ORM reads
+    back must be exactly the outcome: the result's JSON, the finish time to the microsecond."""
+    run, worker = running()
+    finished = now + timedelta(seconds=1, microseconds=654321)
+    outcome = runner.Outcome(run, JobRun.Status.SUCCEEDED, finished, result=result, error="")
+    assert runner.record_outcomes([outcome], worker_id=worker.pk) == [outcome]
+    stored = JobRun.objects.get(pk=run.pk)
+    assert (stored.status, stored.finished_at, stored.result, stored.error) == ("succeeded", finished, result, "")
+    assert type(stored.result) is type(result)
