@@ -219,7 +219,8 @@ class JobRun(models.Model):
             models.Index(fields=["worker"], condition=Q(status="running"), name="jobrun_running_idx"),
             # Whether a job has a queued or running run (the overlap policy, at every fire).
             models.Index(fields=["job"], condition=Q(status__in=["queued", "running"]), name="jobrun_active_idx"),
-            # The recent runs that went wrong, for people browsing failures.
+            # The recent runs that went wrong, for people browsing failures (PostgreSQL; SQLite
+            # does not use a partial index for the ORM's bound parameters).
             models.Index(
                 fields=["-scheduled_for"],
                 condition=Q(status__in=["failed", "timed_out", "lost"]),

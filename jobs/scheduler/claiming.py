@@ -274,9 +274,12 @@ def _columns(model: type[Model]) -> list[str]:
 
 
 def _aware_datetime(tz: Any) -> Callable[[Any, Any, Any], Any]:
-    """SQLite's datetime converter, for the engine's hot path: the driver has already parsed the
-    value (Django registers that), so all that is left is to attach the connection's time zone,
-    as `DatabaseOperations.convert_datetimefield_value` does, without its per-value lookups."""
+    """SQLite's datetime converter for claimed rows, without Django's per-value lookups.
+
+    The driver has already parsed the value (Django registers that), so all that is left is
+    to attach the connection's time zone, as `DatabaseOperations.convert_datetimefield_value`
+    does.
+    """
 
     def convert(value: Any, expression: Any, wrapper: Any) -> Any:
         if value is None:
@@ -435,10 +438,12 @@ def record_and_claim(
 
 
 # PostgreSQL SQLSTATEs: a prepared statement that is not there (the session was reset, or a
-# transaction-mode pooler sent the statement to another server session); one already there.
-_NOT_PREPARED, _ALREADY_PREPARED = "26000", "42P05"
-# Per connection (the driver's own object, kept alive by the key): the statements prepared on
-# it, or None once preparing has been given up there.
+# transaction-mode pooler sent the statement to another server session); one already there;
+# one whose result columns changed type under it (a migration ran meanwhile).
+_NOT_PREPARED, _ALREADY_PREPARED, _STALE_PLAN = "26000", "42P05", "0A000"
+# Per connection (the driver's own object, held weakly: an entry goes with its connection): the
+# statements prepared on it, or None once preparing has been given up there. This relies on
+# psycopg2, which fills in EXECUTE's parameters itself and reports `pgcode`.
 _prepared: weakref.WeakKeyDictionary[Any, set[str] | None] = weakref.WeakKeyDictionary()
 
 
@@ -460,9 +465,10 @@ def execute_prepared(cursor: Any, sql: str, params: list[Any]) -> None:
     The engine's pass is one statement of fixed text run a few hundred times a second in a
     burst; planning it each time costs about as much as running it. The statement is prepared
     the first time this connection runs it (its name is a hash of its text, so a session that
-    already has that name has this statement) and then only executed. If the server session
-    lost it twice over (a connection pooler in transaction mode hands each statement to any
-    server session), this connection goes back to plain statements.
+    already has that name has this statement) and then only executed. A statement the session
+    lost is prepared again, and one a migration made stale is deallocated and prepared again;
+    if that fails twice in a row (a connection pooler in transaction mode hands each statement
+    to any server session), this connection goes back to plain statements.
     """
     raw = connection.connection
     if connection.in_atomic_block or raw is None:
@@ -485,7 +491,10 @@ def execute_prepared(cursor: Any, sql: str, params: list[Any]) -> None:
             cursor.execute(execute, params)
             return
         except DatabaseError as exc:
-            if _sqlstate(exc) != _NOT_PREPARED:
+            state = _sqlstate(exc)
+            if state == _STALE_PLAN:
+                cursor.execute(f"DEALLOCATE {name}")
+            elif state != _NOT_PREPARED:
                 raise
             names.discard(name)
     logger.warning("prepared statements keep vanishing on this connection (a pooler?); using plain statements")

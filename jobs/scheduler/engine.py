@@ -413,8 +413,14 @@ class Engine:
             # The worker thread's own connection, if the executor used one, is not kept open
             # while the thread idles.
             connections.close_all()
-        # Wake the engine for the first outcome (to record it soon) and for the last one it
-        # waits for (to record them all together), not for each one.
+        self._hand_over(outcome)
+
+    def _hand_over(self, outcome: runner.Outcome) -> None:
+        """Give a worker's outcome to the engine thread.
+
+        The engine is woken for the first outcome (to record it soon) and for the last one it
+        waits for (to record them all together), not for each one.
+        """
         with self._finished:
             self._done.append(outcome)
             last = len(self._done) >= self._awaited

@@ -348,6 +348,40 @@ def test_postgres_prepares_the_pass_once_and_prepares_again_when_the_session_los
 
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
+def test_postgres_prepares_again_when_a_migration_changed_a_column_under_the_statement(make_job, now):
+    """A column of the result changing type makes the prepared plan stale (SQLSTATE 0A000): the
+    statement is deallocated and prepared again, and the pass goes through."""
+    from django.test.utils import CaptureQueriesContext
+
+    from jobs.scheduler import runner
+
+    worker = _worker(now)
+    for i in range(2):
+        make_job(now=now - timedelta(seconds=30), overlap_policy="allow", name=f"j{i}")
+    claiming.fire_due_jobs(now=now)
+
+    def claim_one() -> list[str]:
+        with CaptureQueriesContext(connection) as captured:
+            _, held = claiming.record_and_claim(
+                runner.write_back_ctes([], worker_id=worker.pk), worker_id=worker.pk, slots=1, now=now
+            )
+        assert len(held) == 1
+        return [query["sql"].split()[0] for query in captured.captured_queries]
+
+    claim_one()  # prepared (here or by an earlier test on this connection)
+    table = connection.ops.quote_name(Job._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(f"ALTER TABLE {table} ALTER COLUMN name TYPE text")
+    try:
+        assert claim_one() == ["EXECUTE", "DEALLOCATE", "PREPARE", "EXECUTE"]
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute(f"ALTER TABLE {table} ALTER COLUMN name TYPE varchar(200)")
+    assert JobRun.objects.filter(status="running").count() == 2
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
 def test_postgres_goes_back_to_plain_statements_when_prepared_ones_keep_vanishing(make_job, now, caplog):
     """Behind a pooler in transaction mode each statement may reach another server session."""
     worker = _worker(now)
@@ -398,3 +432,22 @@ def test_a_job_whose_schedule_cannot_be_computed_is_skipped_alone_and_tried_agai
     assert f"job {broken.pk} not fired" in caplog.text
     # Not due again before then, so it cannot weigh on the passes in between.
     assert claiming.fire_due_jobs(now=now + timedelta(minutes=1)).jobs == 1
+
+
+def test_the_runs_table_has_exactly_the_indexes_the_scheduler_needs(db):
+    """Every index on the runs table costs each update of a run; only these should be there
+    (the primary key, the one-run-per-fire constraint and the partial indexes of JobRun.Meta)."""
+    with connection.cursor() as cursor:
+        constraints = connection.introspection.get_constraints(cursor, JobRun._meta.db_table)
+    indexes = {
+        name: info["columns"]
+        for name, info in constraints.items()
+        if (info["index"] or info["unique"]) and not info["primary_key"]
+    }
+    assert indexes == {
+        "jobrun_one_per_fire": ["job_id", "scheduled_for", "attempt"],
+        "jobrun_queue_idx": ["not_before", "id"],
+        "jobrun_running_idx": ["worker_id"],
+        "jobrun_active_idx": ["job_id"],
+        "jobrun_trouble_idx": ["scheduled_for"],
+    }

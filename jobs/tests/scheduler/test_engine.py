@@ -10,6 +10,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from jobs.models import Job, JobRun
+from jobs.scheduler.engine import _Inflight
 
 
 def test_due_job_runs_once_and_advances(make_job, engine_factory, now):
@@ -256,7 +257,8 @@ def test_a_quick_run_is_recorded_while_a_slow_one_runs_and_quick_ones_are_writte
     writes: list[str] = []
 
     def count_writes(execute, sql, params, many, context):
-        if "new_status" in sql or (sql.startswith("EXECUTE") and threading.current_thread() is loop):
+        # A write-back: plain (`WITH outcome ...`) or the prepared pass (`EXECUTE`), not its PREPARE.
+        if sql.startswith("WITH outcome") or sql.startswith("EXECUTE"):
             writes.append(sql)
         return execute(sql, params, many, context)
 
@@ -281,3 +283,32 @@ def test_a_quick_run_is_recorded_while_a_slow_one_runs_and_quick_ones_are_writte
     # The four quick runs, then the slow one: two writes (three if a quick run straggled past
     # the gathering window), not one per run.
     assert 2 <= len(writes) <= 3, writes
+
+
+def test_workers_wake_the_engine_for_the_first_and_the_last_outcome_only(make_job, engine_factory, now):
+    """The hand-over, without threads or timing: which outcomes wake the engine, and a late
+    outcome of an abandoned (timed-out) run is dropped."""
+    from jobs.scheduler import runner
+
+    make_job(now=now - timedelta(seconds=30), overlap_policy="allow")
+    job = Job.objects.get()
+    runs = [JobRun.objects.create(job=job, scheduled_for=now, not_before=now, attempt=n) for n in range(1, 5)]
+    engine = engine_factory(now=now)
+    engine._inflight = {run.pk: _Inflight(run, time.monotonic() + 60) for run in runs}
+    engine._awaited = len(runs)  # as _start leaves it
+    woken = []
+    for run in runs:
+        engine._wake.clear()
+        engine._hand_over(runner.Outcome(run, "succeeded", now))
+        woken.append(engine._wake.is_set())
+    assert woken == [True, False, False, True]
+    engine._take_outcomes()
+    assert [outcome.run.pk for outcome in engine._unrecorded] == [run.pk for run in runs]
+    assert engine._inflight == {} and engine._awaited == 0
+    # A run abandoned after its timeout reports at last: it wakes the engine, which drops it.
+    engine._unrecorded = []
+    engine._wake.clear()
+    engine._hand_over(runner.Outcome(runs[0], "succeeded", now))
+    assert engine._wake.is_set()
+    engine._take_outcomes()
+    assert engine._unrecorded == []
