@@ -552,36 +552,74 @@ def recover_lost_runs(*, now: datetime, lost_after: float) -> list[JobRun]:
             .select_for_update(skip_locked=True, of=("self",))
             .select_related("job", "worker")
         )
-        if not runs:
-            return []
-        retries: list[JobRun] = []
-        retried: set[int] = set()
-        for run in runs:
-            holder = str(run.worker) if run.worker else "an unknown scheduler"
-            run.status = JobRun.Status.LOST
-            run.finished_at = now
-            run.error = f"lost: {holder} stopped before the run finished (no heartbeat since {stale_before:%H:%M:%S})"
-            try:
-                safe = get_executor(run.job.job_type).is_safe_to_repeat(run.job)
-            except UnknownJobType:
-                safe = False
-            if safe and run.attempt <= max(run.job.max_retries, 1):
-                retries.append(
-                    JobRun(
-                        job=run.job,
-                        scheduled_for=run.scheduled_for,
-                        attempt=run.attempt + 1,
-                        trigger=JobRun.Trigger.RETRY,
-                        not_before=now,
-                    )
+        retried = _lose(
+            runs,
+            now,
+            lambda run: (
+                f"lost: {run.worker if run.worker else 'an unknown scheduler'} stopped before the run "
+                f"finished (no heartbeat since {stale_before:%H:%M:%S})"
+            ),
+        )
+    _log_lost(runs, retried)
+    return runs
+
+
+def release_unheld_runs(*, worker_id: int, held: set[int], now: datetime) -> list[JobRun]:
+    """Mark this scheduler's running runs that it does not hold as lost; retry where it is safe.
+
+    After a database error a claim may have committed although its reply never arrived: those
+    runs are `running` under this (live, heartbeating) scheduler, which never started them, so
+    crash recovery would never pick them up. `held` are the runs it did start.
+    """
+    with transaction.atomic():
+        runs = list(
+            JobRun.objects.running()
+            .filter(worker_id=worker_id)
+            .exclude(pk__in=held)
+            .select_for_update(of=("self",))
+            .select_related("job", "worker")
+        )
+        retried = _lose(runs, now, lambda run: "lost: claimed, but the claim's reply never reached the scheduler")
+    _log_lost(runs, retried)
+    return runs
+
+
+def _lose(runs: list[JobRun], now: datetime, why: Callable[[JobRun], str]) -> set[int]:
+    """Mark `runs` lost, queue a retry for those safe to repeat, show it on their jobs; return
+    the ids of the runs retried. Runs inside the caller's transaction."""
+    if not runs:
+        return set()
+    retries: list[JobRun] = []
+    retried: set[int] = set()
+    for run in runs:
+        run.status = JobRun.Status.LOST
+        run.finished_at = now
+        run.error = why(run)
+        try:
+            safe = get_executor(run.job.job_type).is_safe_to_repeat(run.job)
+        except UnknownJobType:
+            safe = False
+        if safe and run.attempt <= max(run.job.max_retries, 1):
+            retries.append(
+                JobRun(
+                    job=run.job,
+                    scheduled_for=run.scheduled_for,
+                    attempt=run.attempt + 1,
+                    trigger=JobRun.Trigger.RETRY,
+                    not_before=now,
                 )
-                retried.add(run.pk)
-        JobRun.objects.bulk_update(runs, ["status", "finished_at", "error"])
-        JobRun.objects.bulk_create(retries, ignore_conflicts=True)
-        for run in runs:
-            Job.objects.filter(pk=run.job_id).filter(
-                Q(last_run_at__isnull=True) | Q(last_run_at__lte=run.started_at or now)
-            ).update(last_run_at=run.started_at or now, last_run_status=JobRun.Status.LOST)
+            )
+            retried.add(run.pk)
+    JobRun.objects.bulk_update(runs, ["status", "finished_at", "error"])
+    JobRun.objects.bulk_create(retries, ignore_conflicts=True)
+    for run in runs:
+        Job.objects.filter(pk=run.job_id).filter(
+            Q(last_run_at__isnull=True) | Q(last_run_at__lte=run.started_at or now)
+        ).update(last_run_at=run.started_at or now, last_run_status=JobRun.Status.LOST)
+    return retried
+
+
+def _log_lost(runs: list[JobRun], retried: set[int]) -> None:
     for run in runs:
         logger.warning(
             "run lost job=%s run=%s attempt=%s: %s%s",
@@ -592,4 +630,3 @@ def recover_lost_runs(*, now: datetime, lost_after: float) -> list[JobRun]:
             "; retrying" if run.pk in retried else "",
             extra={"job_id": run.job_id, "run_id": run.pk, "status": "lost"},
         )
-    return runs

@@ -160,6 +160,8 @@ class Engine:
         # keeps them here for the next pass, so no outcome is ever dropped.
         self._unrecorded: list[runner.Outcome] = []
         self._stopping = False
+        # After a database error: runs this scheduler may have claimed without knowing it.
+        self._release_unheld = False
         self._stop_requested_at: float | None = None
         self._next_heartbeat = 0.0
         self._next_prune = 0.0
@@ -222,6 +224,8 @@ class Engine:
                     self._sleep()
                 except DatabaseError:
                     logger.exception("database error in the scheduler loop; retrying in 1s")
+                    # A claim may have committed without its reply reaching us.
+                    self._release_unheld = True
                     close_old_connections()
                     connection.close()
                     self._wake.wait(1.0)
@@ -280,6 +284,10 @@ class Engine:
     def _tick(self, collect_into: list[runner.Outcome] | None = None) -> None:
         sink: list[runner.Outcome] = collect_into if collect_into is not None else []
         self._take_outcomes()
+        if self._release_unheld and self.process is not None:
+            held = set(self._inflight) | {outcome.run.pk for outcome in self._unrecorded}
+            claiming.release_unheld_runs(worker_id=self.process.pk, held=held, now=self.clock())
+            self._release_unheld = False
         self._pass(sink)
         # After the pass, so that a heartbeat falling due with a fire does not delay it.
         if time.monotonic() >= self._next_heartbeat:

@@ -185,6 +185,8 @@ def test_the_engine_reconnects_when_its_database_connection_is_cut_mid_run(make_
     assert run.status == "succeeded" and run.result == {"slept": 1.5}
     assert Job.objects.get(pk=job.pk).last_run_status == "succeeded"
     assert "database error in the scheduler loop" in caplog.text
+    # The error made it look for runs claimed without a reply; the run it held was not one.
+    assert engine._release_unheld is False and "run lost" not in caplog.text
 
 
 def test_results_no_database_can_hold_are_stored_and_block_nothing(make_job, engine_factory, now):
@@ -312,3 +314,29 @@ def test_workers_wake_the_engine_for_the_first_and_the_last_outcome_only(make_jo
     assert engine._wake.is_set()
     engine._take_outcomes()
     assert engine._unrecorded == []
+
+
+def test_after_a_database_error_runs_claimed_without_a_reply_are_released(make_job, engine_factory, now, caplog):
+    """A claim can commit while its reply is lost with the connection: those runs are `running`
+    under this live scheduler, which never started them. After the error they become lost and,
+    when safe to repeat, are retried, while the runs it does hold are left alone."""
+    make_job(now=now - timedelta(seconds=30), name="orphan")  # test_noop: safe to repeat
+    engine = engine_factory(now=now, max_concurrent=5)
+    engine.register()
+    job = Job.objects.get()
+    orphan = JobRun.objects.create(
+        job=job, scheduled_for=now, not_before=now, status="running", worker=engine.process, started_at=now
+    )
+    held = JobRun.objects.create(
+        job=job, scheduled_for=now, attempt=5, not_before=now, status="running", worker=engine.process, started_at=now
+    )
+    engine._inflight[held.pk] = _Inflight(held, time.monotonic() + 60)
+    engine._release_unheld = True  # as the loop's database-error handler leaves it
+    engine._tick()
+    orphan.refresh_from_db()
+    assert orphan.status == "lost" and "reply never reached" in orphan.error
+    assert JobRun.objects.get(pk=held.pk).status == "running"
+    retry = JobRun.objects.get(job=job, attempt=2)
+    assert retry.trigger == "retry"
+    assert "run lost" in caplog.text and "retrying" in caplog.text
+    assert engine._release_unheld is False
