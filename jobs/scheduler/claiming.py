@@ -161,7 +161,6 @@ def _insert_runs(planned: list[_Planned], now: datetime) -> None:
     The conflict target is the unique (job, scheduled_for, attempt): a double fire cannot land.
     """
     table = connection.ops.quote_name(JobRun._meta.db_table)
-    columns = _RUN_COLUMNS
     per_row = 11
     limit = connection.features.max_query_params or 65535
     size = max(1, min(len(planned), limit // per_row))
@@ -183,10 +182,7 @@ def _insert_runs(planned: list[_Planned], now: datetime) -> None:
             ]  # fmt: skip
         values = ", ".join([f"({_placeholders(per_row)})"] * len(chunk))
         with connection.cursor() as cursor:
-            cursor.execute(
-                f"INSERT INTO {table} ({columns}) VALUES {values} {_ON_CONFLICT}",
-                params,
-            )
+            cursor.execute(f"INSERT INTO {table} ({_RUN_COLUMNS}) VALUES {values} {_ON_CONFLICT}", params)
 
 
 def fire_due_jobs(*, now: datetime, limit: int = FIRE_BATCH) -> FireReport:
@@ -280,15 +276,7 @@ def _aware_datetime(tz: Any) -> Callable[[Any, Any, Any], Any]:
     to attach the connection's time zone, as `DatabaseOperations.convert_datetimefield_value`
     does.
     """
-
-    def convert(value: Any, expression: Any, wrapper: Any) -> Any:
-        if value is None:
-            return None
-        if not isinstance(value, datetime):
-            value = parse_datetime(value)
-        return value if value.tzinfo is not None else value.replace(tzinfo=tz)
-
-    return convert
+    return lambda value, expression, wrapper: _aware(value, tz)
 
 
 @functools.cache
@@ -502,12 +490,12 @@ def execute_prepared(cursor: Any, sql: str, params: list[Any]) -> None:
     cursor.execute(sql, params)
 
 
-def _aware(value: datetime | str | None) -> datetime | None:
-    """A datetime read by raw SQL: SQLite gives text in UTC, PostgreSQL an aware datetime."""
+def _aware(value: datetime | str | None, tz: Any = UTC) -> datetime | None:
+    """A datetime read by raw SQL, made aware (SQLite gives naive values or text, in `tz`)."""
     if isinstance(value, str):
         value = parse_datetime(value)
-    if value is not None and timezone.is_naive(value):
-        value = timezone.make_aware(value, UTC)
+    if value is not None and value.tzinfo is None:
+        value = value.replace(tzinfo=tz)
     return value
 
 

@@ -114,8 +114,9 @@ def _field(model: type[Job] | type[JobRun], name: str) -> Field[Any, Any]:
 _OUTCOME_COLUMNS = "run_id, new_status, new_finished_at, new_result, new_error"
 
 
-def _placeholders(count: int) -> str:
-    return ", ".join(["%s"] * count)
+def _result_json(outcome: Outcome) -> str | None:
+    """The result as the JSON text both databases store (SQL NULL for no result, as the ORM does)."""
+    return None if outcome.result is None else json.dumps(outcome.result)
 
 
 def _outcome_values(outcomes: list[Outcome]) -> tuple[str, list[Any]]:
@@ -124,9 +125,14 @@ def _outcome_values(outcomes: list[Outcome]) -> tuple[str, list[Any]]:
     adapt = connection.ops.adapt_datetimefield_value
     params: list[Any] = []
     for outcome in outcomes:
-        result = None if outcome.result is None else json.dumps(outcome.result)
-        params += [outcome.run.pk, str(outcome.status), adapt(outcome.finished_at), result, outcome.error]
-    return ", ".join([f"({_placeholders(5)})"] * len(outcomes)), params
+        params += [
+            outcome.run.pk,
+            str(outcome.status),
+            adapt(outcome.finished_at),
+            _result_json(outcome),
+            outcome.error,
+        ]
+    return ", ".join(["(%s, %s, %s, %s, %s)"] * len(outcomes)), params
 
 
 def _finish_sql() -> str:
@@ -179,12 +185,11 @@ def _outcome_arrays(outcomes: list[Outcome]) -> tuple[str, list[Any]]:
     The statement's text is the same whatever the number of outcomes, so it can be prepared
     once per connection (`claiming.record_and_claim`).
     """
-    results = [None if outcome.result is None else json.dumps(outcome.result) for outcome in outcomes]
     params: list[Any] = [
         [outcome.run.pk for outcome in outcomes],
         [outcome.status for outcome in outcomes],
         [outcome.finished_at for outcome in outcomes],
-        results,  # JSON text; the cast to jsonb[] parses it
+        [_result_json(outcome) for outcome in outcomes],  # the cast to jsonb[] parses it
         [outcome.error for outcome in outcomes],
     ]
     return _unnest_outcomes(connection.vendor), params
