@@ -13,6 +13,17 @@ from jobs.models import Job, JobRun
 from jobs.scheduler.engine import _Inflight
 
 
+def _due_now_and_not_again(make_job, **fields) -> Job:
+    """A job due at the real current time whose next fire is months away, for tests that run
+    the engine on the real clock: an every-minute job would fire again (and record a skipped
+    overlap) whenever the test straddles a minute boundary."""
+    from django.utils import timezone
+
+    job = make_job(now=timezone.now(), cron="0 0 1 1 *", **fields)
+    Job.objects.filter(pk=job.pk).update(next_run_at=timezone.now())
+    return job
+
+
 def test_due_job_runs_once_and_advances(make_job, engine_factory, now):
     job = make_job(now=now - timedelta(seconds=30))
     assert job.next_run_at == now
@@ -152,13 +163,10 @@ def test_the_engine_reconnects_when_its_database_connection_is_cut_mid_run(make_
     import threading
 
     from django.db import connections
-    from django.utils import timezone
 
     from jobs.scheduler.engine import Engine
 
-    job = make_job(
-        now=timezone.now() - timedelta(seconds=61), job_type="test_sleep", parameters={"seconds": 1.5}, name="sleeps"
-    )
+    job = _due_now_and_not_again(make_job, job_type="test_sleep", parameters={"seconds": 1.5}, name="sleeps")
     engine = Engine(max_concurrent=1, max_sleep=0.2, heartbeat_seconds=3600)
     loop = threading.Thread(target=engine.run_forever, daemon=True)
     loop.start()
@@ -248,13 +256,11 @@ def test_a_quick_run_is_recorded_while_a_slow_one_runs_and_quick_ones_are_writte
     import threading
 
     from django.db import connections
-    from django.utils import timezone
 
     from jobs.scheduler.engine import Engine
 
-    due = timezone.now() - timedelta(seconds=61)
-    slow = make_job(now=due, job_type="test_sleep", parameters={"seconds": 3}, name="slow")
-    quick = [make_job(now=due, name=f"quick {i}") for i in range(4)]
+    slow = _due_now_and_not_again(make_job, job_type="test_sleep", parameters={"seconds": 3}, name="slow")
+    quick = [_due_now_and_not_again(make_job, name=f"quick {i}") for i in range(4)]
     engine = Engine(max_concurrent=5, max_sleep=5, heartbeat_seconds=3600)
     writes: list[str] = []
 
