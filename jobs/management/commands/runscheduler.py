@@ -17,7 +17,9 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--max-concurrent", type=int, help="Runs at once (default MAX_CONCURRENT_JOBS).")
-        parser.add_argument("--once", action="store_true", help="One pass, wait for the runs it started, exit.")
+        parser.add_argument(
+            "--once", action="store_true", help="One pass, wait for the runs it started, prune the run history, exit."
+        )
         parser.add_argument("--heartbeat", type=float, help="Seconds between heartbeats.")
         parser.add_argument("--lost-after", type=float, help="Seconds of silence before a scheduler is dead.")
         parser.add_argument("--grace", type=float, help="Seconds to let running jobs finish on shutdown.")
@@ -37,6 +39,7 @@ class Command(BaseCommand):
         )
         if options["once"]:
             outcomes = engine.run_once()
+            engine.prune()
             engine.stop()
             self.stdout.write(f"{len(outcomes)} run(s) finished")
             return
