@@ -35,6 +35,8 @@ from .notify import CHANNEL, CommitWatcher, notify_schedulers
 logger = logging.getLogger("jobs.scheduler")
 
 PRUNE_EVERY_SECONDS = 600.0
+# The first prune waits this long after start, so as not to compete with catching up on fires.
+PRUNE_FIRST_AFTER_SECONDS = 60.0
 # When one run finishes while others are in flight, wait this long for them too, so that
 # short runs finishing together are written back (and their slots refilled) in one go.
 GATHER_SECONDS = 0.001
@@ -137,19 +139,22 @@ class _Listener(_Helper):
 
 
 class _Pruner(_Helper):
-    """Prune the run history at start and then every `interval` seconds, on a connection of its
-    own: counting runs per job reads the whole runs table (a third of a second at three million
-    runs on PostgreSQL here), which on the engine thread would make every due job that late."""
+    """Prune the run history `first_after` seconds after start and then every `interval`
+    seconds, on a connection of its own: a prune reads the whole runs table (a third of a second
+    at three million runs on PostgreSQL here, half a second on SQLite), which on the engine
+    thread would make every job due meanwhile that late."""
 
-    def __init__(self, clock: Callable[[], datetime], interval: float) -> None:
+    def __init__(self, clock: Callable[[], datetime], *, first_after: float, interval: float) -> None:
         super().__init__("scheduler-prune")
         self._clock = clock
+        self._first_after = first_after
         self._interval = interval
 
     def run(self) -> None:
+        self._stop_event.wait(self._first_after)
         while not self._stop_event.is_set():
             try:
-                prune_history(now=self._clock())
+                prune_history(now=self._clock(), stop=self._stop_event.is_set)
             except Exception:  # a failed prune must not end pruning for good
                 logger.exception("pruning the run history failed; trying again in %.0fs", self._interval)
             finally:
@@ -242,7 +247,7 @@ class Engine:
         if connection.vendor == "postgresql":
             self._listener = _Listener(self._on_notify)
             self._listener.start()
-        self._pruner = _Pruner(self.clock, PRUNE_EVERY_SECONDS)
+        self._pruner = _Pruner(self.clock, first_after=PRUNE_FIRST_AFTER_SECONDS, interval=PRUNE_EVERY_SECONDS)
         self._pruner.start()
         try:
             while True:

@@ -9,11 +9,12 @@ from typing import Any
 
 import pytest
 from django.core.management import call_command
-from django.db import connections
+from django.db import connection, connections
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from jobs import retention, services
-from jobs.models import Job, JobRun, SchedulerProcess
+from jobs.models import Job, JobRun
 from jobs.retention import prune_history, prune_runs
 
 DAY = timedelta(days=1)
@@ -90,30 +91,37 @@ def test_deletes_go_in_batches_until_nothing_is_left(db: None, now: datetime, mo
         _run(job, now - 40 * DAY + timedelta(minutes=minute), created=now - 40 * DAY)
     for minute in range(8):
         _run(job, now - timedelta(minutes=minute), created=now)
-    assert prune_runs(now=now, max_age=30 * DAY, keep_per_job=1) == 17
+    with CaptureQueriesContext(connection) as queries:
+        assert prune_runs(now=now, max_age=30 * DAY, keep_per_job=1) == 17
     assert _left(job) == [(now, 1)]
+    deletes = [q["sql"] for q in queries.captured_queries if q["sql"].startswith("DELETE")]
+    assert len(deletes) == 4 + 3  # 10 by age, then 7 beyond the limit, 3 at a time
 
 
-def test_prune_history_follows_the_settings_and_drops_long_stopped_schedulers(
-    db: None, now: datetime, settings: Any
+def test_a_prune_told_to_stop_ends_after_the_batch_in_hand(
+    db: None, now: datetime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(retention, "BATCH", 3)
+    job = _job()
+    for minute in range(10):
+        _run(job, now - 40 * DAY + timedelta(minutes=minute), created=now - 40 * DAY)
+    asked: list[int] = []
+
+    def stop() -> bool:
+        asked.append(JobRun.objects.count())
+        return len(asked) > 1
+
+    assert prune_runs(now=now, max_age=30 * DAY, keep_per_job=5, stop=stop) == 3
+    assert JobRun.objects.count() == 7
+
+
+def test_prune_history_follows_the_settings(db: None, now: datetime, settings: Any) -> None:
     settings.JOBS = {**settings.JOBS, "RUN_RETENTION_DAYS": 7, "RUN_RETENTION_PER_JOB": 2}
     job = _job()
     for days in (1, 2, 3, 8):
         _run(job, now - days * DAY, created=now - days * DAY)
-
-    def process(started: datetime, stopped: datetime | None) -> SchedulerProcess:
-        return SchedulerProcess.objects.create(
-            hostname="h", pid=1, started_at=started, last_heartbeat_at=stopped or now, stopped_at=stopped
-        )
-
-    long_gone = process(now - 20 * DAY, now - 10 * DAY)
-    lately = process(now - 3 * DAY, now - 2 * DAY)
-    running = process(now - 20 * DAY, None)
     assert prune_history(now=now) == 2  # the 8-day-old run (age), then the 3-day-old one (count)
     assert _left(job) == [(now - 2 * DAY, 1), (now - DAY, 1)]
-    assert set(SchedulerProcess.objects.values_list("pk", flat=True)) == {lately.pk, running.pk}
-    assert not SchedulerProcess.objects.filter(pk=long_gone.pk).exists()
 
 
 def test_runscheduler_once_prunes_after_its_pass(db: None) -> None:
@@ -135,13 +143,14 @@ def test_the_scheduler_prunes_on_its_own_thread_and_a_slow_prune_holds_up_no_run
     pruning, release = threading.Event(), threading.Event()
     threads: list[str] = []
 
-    def slow_prune(*, now: datetime) -> int:
+    def slow_prune(*, now: datetime, stop: Any) -> int:
         threads.append(threading.current_thread().name)
         pruning.set()
         release.wait(10)
-        return prune_history(now=now)
+        return prune_history(now=now, stop=stop)
 
     monkeypatch.setattr(engine_module, "prune_history", slow_prune)
+    monkeypatch.setattr(engine_module, "PRUNE_FIRST_AFTER_SECONDS", 0.0)
     engine = engine_module.Engine(max_concurrent=1, max_sleep=0.2, heartbeat_seconds=0.1)
     loop = threading.Thread(target=engine.run_forever, daemon=True)
     loop.start()

@@ -38,9 +38,11 @@ class Command(BaseCommand):
             max_sleep=options["max_sleep"],
         )
         if options["once"]:
-            outcomes = engine.run_once()
-            engine.prune()
-            engine.stop()
+            try:
+                outcomes = engine.run_once()
+                engine.prune()
+            finally:
+                engine.stop()
             self.stdout.write(f"{len(outcomes)} run(s) finished")
             return
         engine.install_signal_handlers()
