@@ -325,22 +325,35 @@ def _claim_sql(*, worker_id: int, slots: int, now: datetime, returning: str) -> 
 
     On PostgreSQL its subquery skips rows other schedulers hold locked. Status literals are
     written into the SQL so that SQLite can use the partial queue index.
+
+    It claims nothing for a scheduler that others have presumed dead (its row is stopped): one
+    that was paused or cut off for longer than `LOST_AFTER_SECONDS` must not take runs under an
+    identity whose runs are being recovered as lost, or a run could be started twice. On
+    PostgreSQL the check locks the row `FOR KEY SHARE`, the lock the foreign key takes anyway:
+    crash recovery, which locks a dead scheduler's row `FOR UPDATE SKIP LOCKED`, either passes
+    over a scheduler that is claiming, or makes the claim wait for it and then see the row
+    stopped.
     """
     runs_table = connection.ops.quote_name(JobRun._meta.db_table)
+    processes_table = connection.ops.quote_name(SchedulerProcess._meta.db_table)
+    postgres = connection.vendor == "postgresql"
+    alive = (
+        f"EXISTS (SELECT 1 FROM {processes_table} WHERE id = %s AND stopped_at IS NULL"
+        f"{' FOR KEY SHARE' if postgres else ''})"
+    )
     pick = (
         f"SELECT id FROM {runs_table}{_queue_index()} WHERE status = '{JobRun.Status.QUEUED}' "
-        "AND not_before <= %s ORDER BY not_before, id LIMIT %s"
+        f"AND not_before <= %s AND {alive} ORDER BY not_before, id LIMIT %s"
     )
     # PostgreSQL: ARRAY(...) runs the locking subquery exactly once; as a join, a re-scan could
     # pick rows it skipped the first time and claim more than `slots`.
-    postgres = connection.vendor == "postgresql"
     picked = f"= ANY(ARRAY({pick} FOR UPDATE SKIP LOCKED))" if postgres else f"IN ({pick})"
     at = connection.ops.adapt_datetimefield_value(now)
     sql = (
         f"UPDATE {runs_table} SET status = '{JobRun.Status.RUNNING}', started_at = %s, worker_id = %s "
         f"WHERE id {picked} RETURNING {returning}"
     )
-    return sql, [at, worker_id, at, slots]
+    return sql, [at, worker_id, at, worker_id, slots]
 
 
 def _with_jobs(runs: list[JobRun], jobs: list[Job]) -> list[JobRun]:

@@ -530,6 +530,10 @@ class Engine:
             # Another scheduler presumed us dead and took our runs; carry on under a new identity.
             logger.error("scheduler %s was presumed dead by another scheduler; registering again", self.process)
             self.register()
+            # Claims under the old identity took nothing (claiming refuses a stopped scheduler):
+            # look for due jobs and ready runs at once.
+            self._notified = True
+            self._wake.set()
         if claiming.recover_lost_runs(now=now, lost_after=self.lost_after):
             self._notified = True  # retries of lost runs may be waiting: look at once
             self._wake.set()

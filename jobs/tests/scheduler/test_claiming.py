@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
+from collections.abc import Iterator
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from django.db import connection, connections
@@ -170,6 +174,42 @@ def test_claim_respects_not_before(make_job, now):
     assert len(claiming.claim_runs(worker_id=worker.pk, slots=5, now=now + timedelta(seconds=5))) == 1
 
 
+@contextlib.contextmanager
+def _other_transaction(*statements: tuple[str, list[Any]], commit: bool = False) -> Iterator[threading.Event]:
+    """Run `statements` in a transaction on a second connection and hold it open; yields the
+    event that ends it (commit or rollback). The transaction is ended on leaving the block."""
+    ready, end = threading.Event(), threading.Event()
+    failed: list[BaseException] = []
+
+    def hold() -> None:
+        other = connections.create_connection("default")
+        try:
+            other.set_autocommit(False)
+            with other.cursor() as cursor:
+                for sql, params in statements:
+                    cursor.execute(sql, params)
+                ready.set()
+                end.wait(10)
+            if commit:
+                other.commit()
+            else:
+                other.rollback()
+        except BaseException as exc:  # noqa: BLE001 - reported to the test below
+            failed.append(exc)
+            ready.set()
+        finally:
+            other.close()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert ready.wait(10) and not failed, failed
+        yield end
+    finally:
+        end.set()
+        holder.join()
+
+
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
 def test_postgres_skips_a_run_locked_by_another_connection(make_job, now):
@@ -178,34 +218,46 @@ def test_postgres_skips_a_run_locked_by_another_connection(make_job, now):
         make_job(now=now - timedelta(seconds=30), overlap_policy="allow")
     claiming.fire_due_jobs(now=now)
     locked_id = JobRun.objects.order_by("not_before", "id").values_list("id", flat=True).first()
-    locked = threading.Event()
-    release = threading.Event()
-
-    def hold_lock() -> None:
-        other = connections.create_connection("default")
-        try:
-            other.set_autocommit(False)
-            with other.cursor() as cursor:
-                cursor.execute("SELECT id FROM jobs_jobrun WHERE id = %s FOR UPDATE", [locked_id])
-                locked.set()
-                release.wait(10)
-            other.rollback()
-        finally:
-            other.close()
-
-    holder = threading.Thread(target=hold_lock)
-    holder.start()
-    try:
-        assert locked.wait(10)
+    with _other_transaction(("SELECT id FROM jobs_jobrun WHERE id = %s FOR UPDATE", [locked_id])):
         claimed = claiming.claim_runs(worker_id=worker.pk, slots=10, now=now)
         assert len(claimed) == 2
         assert locked_id not in {run.pk for run in claimed}
-    finally:
-        release.set()
-        holder.join()
     # Once released, the skipped run is claimable.
     assert [run.pk for run in claiming.claim_runs(worker_id=worker.pk, slots=10, now=now)] == [locked_id]
     assert connection.vendor == "postgresql"
+
+
+def test_a_scheduler_presumed_dead_claims_nothing(make_job, now):
+    """Its runs are being recovered as lost under that identity: it must register anew first."""
+    dead, alive = _worker(now, stopped_at=now), _worker(now)
+    make_job(now=now - timedelta(seconds=30))
+    claiming.fire_due_jobs(now=now)
+    assert claiming.claim_runs(worker_id=dead.pk, slots=5, now=now) == []
+    assert JobRun.objects.get().status == "queued"
+    (run,) = claiming.claim_runs(worker_id=alive.pk, slots=5, now=now)
+    assert run.worker_id == alive.pk
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_postgres_a_claim_racing_crash_recovery_waits_for_it_and_then_claims_nothing(make_job, now):
+    """Recovery has locked the scheduler's row and marked it stopped, not yet committed: a claim
+    by that scheduler waits for the commit, then sees the row stopped (and claims nothing, so no
+    run can be both recovered as lost and started under the old identity)."""
+    worker = _worker(now)
+    make_job(now=now - timedelta(seconds=30))
+    claiming.fire_due_jobs(now=now)
+    recovery = (
+        ("SELECT id FROM jobs_schedulerprocess WHERE id = %s FOR UPDATE SKIP LOCKED", [worker.pk]),
+        ("UPDATE jobs_schedulerprocess SET stopped_at = now() WHERE id = %s", [worker.pk]),
+    )
+    with _other_transaction(*recovery, commit=True) as commit:
+        threading.Timer(0.5, commit.set).start()
+        started = time.monotonic()
+        assert claiming.claim_runs(worker_id=worker.pk, slots=5, now=now) == []
+        assert time.monotonic() - started >= 0.4  # it waited for the recovery's commit
+    assert SchedulerProcess.objects.get(pk=worker.pk).stopped_at is not None
+    assert JobRun.objects.get().status == "queued"
 
 
 @pytest.mark.parametrize(

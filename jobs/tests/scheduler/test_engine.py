@@ -9,7 +9,7 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from jobs.models import Job, JobRun
+from jobs.models import Job, JobRun, SchedulerProcess
 from jobs.scheduler.engine import _Inflight
 
 
@@ -346,3 +346,20 @@ def test_after_a_database_error_runs_claimed_without_a_reply_are_released(make_j
     assert retry.trigger == "retry"
     assert "run lost" in caplog.text and "retrying" in caplog.text
     assert engine._release_unheld is False
+
+
+def test_a_scheduler_presumed_dead_registers_anew_before_it_runs_anything(make_job, engine_factory, now):
+    """Paused or cut off for longer than LOST_AFTER_SECONDS, a scheduler wakes up to find its row
+    stopped by another: it claims nothing under that identity, registers again at its
+    heartbeat, and only then runs what is due."""
+    engine = engine_factory(now=now)
+    first = engine.register()
+    SchedulerProcess.objects.filter(pk=first.pk).update(stopped_at=now)  # what recovery elsewhere did
+    job = make_job(now=now - timedelta(seconds=30))
+    assert engine.run_once() == []
+    assert JobRun.objects.get(job=job).status == "queued"
+    engine._next_heartbeat = 0.0  # its heartbeat falls due
+    assert engine.run_once() == []  # the pass still claims nothing; the heartbeat registers anew
+    assert engine.process is not None and engine.process.pk != first.pk
+    assert [o.status for o in engine.run_once()] == ["succeeded"]
+    assert JobRun.objects.get(job=job).worker_id == engine.process.pk

@@ -167,6 +167,34 @@ def test_kill_9_mid_run_is_recovered_and_safe_work_retried(schedulers: Scheduler
     assert doomed.stopped_at is not None
 
 
+def test_a_paused_scheduler_presumed_dead_runs_nothing_under_its_old_identity(schedulers: Schedulers) -> None:
+    """SIGSTOP a scheduler until another presumes it dead, queue work, SIGCONT it: it must not
+    claim under the stopped identity (the other would recover that run as lost and retry it,
+    so the job would run twice); it registers anew and runs the work once."""
+    busy = schedulers.start(max_concurrent=1)
+    other = schedulers.registered(busy)
+    long_job = _job(name="long", job_type="test_sleep", parameters={"seconds": 12})
+    services.job_trigger(long_job)
+    wait_for(lambda: JobRun.objects.filter(job=long_job, status="running", worker=other).exists(), 20)
+
+    paused = schedulers.start()
+    old = schedulers.registered(paused)
+    paused.send_signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: SchedulerProcess.objects.filter(pk=old.pk, stopped_at__isnull=False).exists(), 20)
+        job = _job(name="short", job_type="test_sleep", parameters={"seconds": 0.5})
+        services.job_trigger(job)  # queued: the other scheduler's one slot is taken
+    finally:
+        paused.send_signal(signal.SIGCONT)
+    wait_for(lambda: JobRun.objects.filter(job=job, status="succeeded").exists(), 20)
+    time.sleep(1.5)  # a recovery of a run claimed under the old identity would show by now
+    assert list(job.runs.values_list("attempt", "status")) == [(1, "succeeded")], schedulers.logs()
+    run = job.runs.get()
+    renewed = SchedulerProcess.objects.get(pid=paused.pid, stopped_at__isnull=True)
+    assert run.worker_id == renewed.pk != old.pk
+    assert "was presumed dead by another scheduler; registering again" in schedulers.logs()
+
+
 def test_kill_9_of_unsafe_work_is_lost_without_retry(schedulers: Schedulers) -> None:
     first = schedulers.start()
     doomed = schedulers.registered(first)
