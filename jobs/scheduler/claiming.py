@@ -24,6 +24,7 @@ from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
 from jobs import schedule
+from jobs.conf import get
 from jobs.executors import UnknownJobType, get_executor
 from jobs.models import Job, JobRun, SchedulerProcess
 
@@ -320,26 +321,29 @@ def _queue_index() -> str:
     return f" INDEXED BY {connection.ops.quote_name(QUEUE_INDEX)}"
 
 
-def _claim_sql(*, worker_id: int, slots: int, now: datetime, returning: str) -> tuple[str, list[Any]]:
+def _claim_sql(
+    *, worker_id: int, slots: int, now: datetime, fresh_since: datetime | None, returning: str
+) -> tuple[str, list[Any]]:
     """An `UPDATE ... RETURNING` that marks the oldest ready runs, up to `slots`, as running here.
 
     On PostgreSQL its subquery skips rows other schedulers hold locked. Status literals are
     written into the SQL so that SQLite can use the partial queue index.
 
-    It claims nothing for a scheduler that others have presumed dead (its row is stopped): one
-    that was paused or cut off for longer than `LOST_AFTER_SECONDS` must not take runs under an
-    identity whose runs are being recovered as lost, or a run could be started twice. On
-    PostgreSQL the check locks the row `FOR KEY SHARE`, the lock the foreign key takes anyway:
-    crash recovery, which locks a dead scheduler's row `FOR UPDATE SKIP LOCKED`, either passes
-    over a scheduler that is claiming, or makes the claim wait for it and then see the row
-    stopped.
+    It claims nothing for a scheduler whose row is stopped (another presumed it dead) or whose
+    last heartbeat is older than `fresh_since` (default: half of `LOST_AFTER_SECONDS` before
+    `now`), so that nobody can presume it dead and recover its runs as lost while it starts
+    them: one that was paused or cut off must heartbeat (or register anew) before it claims.
+    On PostgreSQL the check locks the row `FOR KEY SHARE` (a row lock on every claim): crash
+    recovery, which locks a stale scheduler's row `FOR UPDATE SKIP LOCKED`, either passes over
+    a scheduler that is claiming, or makes the claim wait for it and then see the row stopped.
     """
+    fresh = fresh_since or now - timedelta(seconds=float(get("LOST_AFTER_SECONDS")) / 2)
     runs_table = connection.ops.quote_name(JobRun._meta.db_table)
     processes_table = connection.ops.quote_name(SchedulerProcess._meta.db_table)
     postgres = connection.vendor == "postgresql"
     alive = (
-        f"EXISTS (SELECT 1 FROM {processes_table} WHERE id = %s AND stopped_at IS NULL"
-        f"{' FOR KEY SHARE' if postgres else ''})"
+        f"EXISTS (SELECT 1 FROM {processes_table} WHERE id = %s AND stopped_at IS NULL "
+        f"AND last_heartbeat_at >= %s{' FOR KEY SHARE' if postgres else ''})"
     )
     pick = (
         f"SELECT id FROM {runs_table}{_queue_index()} WHERE status = '{JobRun.Status.QUEUED}' "
@@ -353,7 +357,7 @@ def _claim_sql(*, worker_id: int, slots: int, now: datetime, returning: str) -> 
         f"UPDATE {runs_table} SET status = '{JobRun.Status.RUNNING}', started_at = %s, worker_id = %s "
         f"WHERE id {picked} RETURNING {returning}"
     )
-    return sql, [at, worker_id, at, worker_id, slots]
+    return sql, [at, worker_id, at, worker_id, connection.ops.adapt_datetimefield_value(fresh), slots]
 
 
 def _with_jobs(runs: list[JobRun], jobs: list[Job]) -> list[JobRun]:
@@ -364,7 +368,7 @@ def _with_jobs(runs: list[JobRun], jobs: list[Job]) -> list[JobRun]:
     return runs
 
 
-def claim_runs(*, worker_id: int, slots: int, now: datetime) -> list[JobRun]:
+def claim_runs(*, worker_id: int, slots: int, now: datetime, fresh_since: datetime | None = None) -> list[JobRun]:
     """Mark up to `slots` ready runs as running on this worker and return them with their jobs.
 
     PostgreSQL joins the jobs in the same statement, so a claim is one round trip and needs no
@@ -376,12 +380,16 @@ def claim_runs(*, worker_id: int, slots: int, now: datetime) -> list[JobRun]:
     run_columns = _columns(JobRun)
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
-            claim, params = _claim_sql(worker_id=worker_id, slots=slots, now=now, returning="*")
+            claim, params = _claim_sql(
+                worker_id=worker_id, slots=slots, now=now, fresh_since=fresh_since, returning="*"
+            )
             cursor.execute(f"WITH claimed AS ({claim}) {_claimed_with_jobs()}", params)
             rows = cursor.fetchall()
             return _with_jobs(_instances(JobRun, rows), _instances(Job, rows, offset=len(run_columns)))
         with transaction.atomic(savepoint=False):
-            claim, params = _claim_sql(worker_id=worker_id, slots=slots, now=now, returning=", ".join(run_columns))
+            claim, params = _claim_sql(
+                worker_id=worker_id, slots=slots, now=now, fresh_since=fresh_since, returning=", ".join(run_columns)
+            )
             cursor.execute(claim, params)
             runs = _instances(JobRun, cursor.fetchall())
             if not runs:
@@ -416,7 +424,12 @@ def _claimed_with_jobs(prefix: str = "") -> str:
 
 
 def record_and_claim(
-    write_back: tuple[str, list[Any]], *, worker_id: int, slots: int, now: datetime
+    write_back: tuple[str, list[Any]],
+    *,
+    worker_id: int,
+    slots: int,
+    now: datetime,
+    fresh_since: datetime | None = None,
 ) -> tuple[set[int], list[JobRun]]:
     """PostgreSQL: write outcomes back and claim runs for the free slots in one statement.
 
@@ -425,7 +438,7 @@ def record_and_claim(
     Return the ids written and the runs claimed, with their jobs.
     """
     ctes, write_params = write_back
-    claim, claim_params = _claim_sql(worker_id=worker_id, slots=slots, now=now, returning="*")
+    claim, claim_params = _claim_sql(worker_id=worker_id, slots=slots, now=now, fresh_since=fresh_since, returning="*")
     sql = f"WITH {ctes}, claimed AS ({claim}) " + _claimed_with_jobs(
         "(SELECT array_agg(id) FROM recorded) AS recorded_ids"
     )

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import DatabaseError, close_old_connections, connection, connections, transaction
@@ -197,6 +197,7 @@ class Engine:
         self._release_unheld = False
         self._stop_requested_at: float | None = None
         self._next_heartbeat = 0.0
+        self._beat_at: datetime | None = None  # the last heartbeat written, by self.clock()
         self._listener: _Listener | None = None
         self._pruner: _Pruner | None = None
         # What makes a pass look for due jobs and queued runs (rather than only record outcomes):
@@ -219,6 +220,7 @@ class Engine:
             started_at=now,
             last_heartbeat_at=now,
         )
+        self._beat_at = now
         self._next_heartbeat = time.monotonic() + self.heartbeat_seconds
         logger.info("scheduler %s started: %s slots, database %s", self.process, self.max_concurrent, connection.vendor)
         return self.process
@@ -329,6 +331,10 @@ class Engine:
             held = set(self._inflight) | {outcome.run.pk for outcome in self._unrecorded}
             claiming.release_unheld_runs(worker_id=self.process.pk, held=held, now=self.clock())
             self._release_unheld = False
+        if self._beat_at is not None and self.clock() - self._beat_at > timedelta(seconds=self.lost_after / 4):
+            # Paused or cut off (the wall clock moved on, perhaps not the monotonic one): claims
+            # need a fresh heartbeat, or a new identity if another presumed this one dead.
+            self._heartbeat()
         self._pass(sink)
         # After the pass, so that a heartbeat falling due with a fire does not delay it.
         if time.monotonic() >= self._next_heartbeat:
@@ -384,7 +390,9 @@ class Engine:
                     if fire:
                         report = claiming.fire_due_jobs(now=self.clock())
                     if claim:
-                        runs = claiming.claim_runs(worker_id=worker_id, slots=free, now=self.clock())
+                        runs = claiming.claim_runs(
+                            worker_id=worker_id, slots=free, now=self.clock(), fresh_since=self._fresh_since()
+                        )
                 self._recorded(accepted, sink)
             elif claim and self._unrecorded and not any(map(runner.wants_retry, self._unrecorded)):
                 # PostgreSQL: writing back and claiming share one statement (one round trip,
@@ -393,7 +401,7 @@ class Engine:
                     report = claiming.fire_due_jobs(now=self.clock())
                 write_back = runner.write_back_ctes(self._unrecorded, worker_id=worker_id)
                 recorded, runs = claiming.record_and_claim(
-                    write_back, worker_id=worker_id, slots=free, now=self.clock()
+                    write_back, worker_id=worker_id, slots=free, now=self.clock(), fresh_since=self._fresh_since()
                 )
                 self._recorded(runner.accepted_outcomes(self._unrecorded, recorded), sink)
             else:
@@ -403,7 +411,9 @@ class Engine:
                 if fire:
                     report = claiming.fire_due_jobs(now=self.clock())
                 if claim:
-                    runs = claiming.claim_runs(worker_id=worker_id, slots=free, now=self.clock())
+                    runs = claiming.claim_runs(
+                        worker_id=worker_id, slots=free, now=self.clock(), fresh_since=self._fresh_since()
+                    )
         except runner.REFUSED_VALUES:
             if not self._unrecorded:
                 raise
@@ -519,6 +529,11 @@ class Engine:
                 },
             )
 
+    def _fresh_since(self) -> datetime:
+        """Claims need a heartbeat newer than this: nobody can presume this scheduler dead for
+        another half of `lost_after`, while the runs it claims start."""
+        return self.clock() - timedelta(seconds=self.lost_after / 2)
+
     def _heartbeat(self) -> None:
         assert self.process is not None
         now = self.clock()
@@ -526,12 +541,13 @@ class Engine:
         alive = SchedulerProcess.objects.filter(pk=self.process.pk, stopped_at__isnull=True).update(
             last_heartbeat_at=now
         )
+        self._beat_at = now
         if not alive:
             # Another scheduler presumed us dead and took our runs; carry on under a new identity.
             logger.error("scheduler %s was presumed dead by another scheduler; registering again", self.process)
             self.register()
-            # Claims under the old identity took nothing (claiming refuses a stopped scheduler):
-            # look for due jobs and ready runs at once.
+            # Claims under the old identity took nothing (claiming refuses a stopped or stale
+            # scheduler): look for due jobs and ready runs at once.
             self._notified = True
             self._wake.set()
         if claiming.recover_lost_runs(now=now, lost_after=self.lost_after):

@@ -208,6 +208,8 @@ def _other_transaction(*statements: tuple[str, list[Any]], commit: bool = False)
     finally:
         end.set()
         holder.join()
+    if failed:
+        raise failed[0]
 
 
 @pytest.mark.postgres
@@ -236,6 +238,21 @@ def test_a_scheduler_presumed_dead_claims_nothing(make_job, now):
     assert JobRun.objects.get().status == "queued"
     (run,) = claiming.claim_runs(worker_id=alive.pk, slots=5, now=now)
     assert run.worker_id == alive.pk
+
+
+def test_a_scheduler_whose_heartbeat_is_stale_claims_nothing_so_no_claim_can_be_presumed_dead(make_job, now):
+    """A claim needs a heartbeat fresher than half of LOST_AFTER_SECONDS (30 s here): a run it
+    starts cannot be recovered as lost for at least 15 s, by which time it has heartbeaten."""
+    stale = _worker(now, last_heartbeat_at=now - timedelta(seconds=16))
+    fresh = _worker(now, last_heartbeat_at=now - timedelta(seconds=14))
+    make_job(now=now - timedelta(seconds=30))
+    claiming.fire_due_jobs(now=now)
+    assert claiming.claim_runs(worker_id=stale.pk, slots=5, now=now) == []
+    (run,) = claiming.claim_runs(worker_id=fresh.pk, slots=5, now=now)
+    # The latest moment before its next heartbeat: nobody may take the run away yet.
+    assert claiming.recover_lost_runs(now=now + timedelta(seconds=15.9), lost_after=30) == []
+    run.refresh_from_db()
+    assert run.status == "running" and run.worker_id == fresh.pk
 
 
 @pytest.mark.postgres

@@ -363,3 +363,19 @@ def test_a_scheduler_presumed_dead_registers_anew_before_it_runs_anything(make_j
     assert engine.process is not None and engine.process.pk != first.pk
     assert [o.status for o in engine.run_once()] == ["succeeded"]
     assert JobRun.objects.get(job=job).worker_id == engine.process.pk
+
+
+def test_after_a_pause_the_scheduler_heartbeats_before_it_claims(make_job, now):
+    """Frozen for 40 s (the monotonic clock need not have moved, so no heartbeat is due by it):
+    a claim would be refused as stale, so the scheduler heartbeats first and runs the due job
+    under the same identity."""
+    from jobs.scheduler.engine import Engine
+
+    clock = [now]
+    engine = Engine(max_concurrent=5, clock=lambda: clock[0], heartbeat_seconds=3600, lost_after=30)
+    process = engine.register()
+    clock[0] = now + timedelta(seconds=40)
+    make_job(now=now - timedelta(seconds=30))  # due at `now`, 40 s late: within the grace
+    assert [o.status for o in engine.run_once()] == ["succeeded"]
+    assert engine.process.pk == process.pk
+    assert SchedulerProcess.objects.get(pk=process.pk).last_heartbeat_at == clock[0]
