@@ -37,6 +37,13 @@ class Command(BaseCommand):
             shutdown_grace=options["grace"],
             max_sleep=options["max_sleep"],
         )
+        if engine.heartbeat_seconds * 2 > engine.lost_after:
+            # Others would presume it dead between heartbeats, and its claims need a heartbeat
+            # younger than half of the lost-after time.
+            raise CommandError(
+                f"--heartbeat ({engine.heartbeat_seconds:g}s) must be at most half of --lost-after "
+                f"({engine.lost_after:g}s); set HEARTBEAT_SECONDS and LOST_AFTER_SECONDS in JOBS to match"
+            )
         if options["once"]:
             try:
                 outcomes = engine.run_once()
