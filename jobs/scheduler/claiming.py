@@ -322,7 +322,7 @@ def _queue_index() -> str:
 
 
 def _claim_sql(
-    *, worker_id: int, slots: int, now: datetime, fresh_since: datetime | None, returning: str
+    *, worker_id: int, slots: int, now: datetime, lost_after: float | None, returning: str
 ) -> tuple[str, list[Any]]:
     """An `UPDATE ... RETURNING` that marks the oldest ready runs, up to `slots`, as running here.
 
@@ -330,14 +330,16 @@ def _claim_sql(
     written into the SQL so that SQLite can use the partial queue index.
 
     It claims nothing for a scheduler whose row is stopped (another presumed it dead) or whose
-    last heartbeat is older than `fresh_since` (default: half of `LOST_AFTER_SECONDS` before
-    `now`), so that nobody can presume it dead and recover its runs as lost while it starts
-    them: one that was paused or cut off must heartbeat (or register anew) before it claims.
+    last heartbeat is older than half of `lost_after` (default `LOST_AFTER_SECONDS`), so that
+    nobody can presume it dead and recover its runs as lost for at least that long while it
+    starts them: one that was paused or cut off must heartbeat (or register anew) first.
     On PostgreSQL the check locks the row `FOR KEY SHARE` (a row lock on every claim): crash
     recovery, which locks a stale scheduler's row `FOR UPDATE SKIP LOCKED`, either passes over
     a scheduler that is claiming, or makes the claim wait for it and then see the row stopped.
     """
-    fresh = fresh_since or now - timedelta(seconds=float(get("LOST_AFTER_SECONDS")) / 2)
+    if lost_after is None:
+        lost_after = float(get("LOST_AFTER_SECONDS"))
+    fresh_since = now - timedelta(seconds=lost_after / 2)
     runs_table = connection.ops.quote_name(JobRun._meta.db_table)
     processes_table = connection.ops.quote_name(SchedulerProcess._meta.db_table)
     postgres = connection.vendor == "postgresql"
@@ -357,7 +359,7 @@ def _claim_sql(
         f"UPDATE {runs_table} SET status = '{JobRun.Status.RUNNING}', started_at = %s, worker_id = %s "
         f"WHERE id {picked} RETURNING {returning}"
     )
-    return sql, [at, worker_id, at, worker_id, connection.ops.adapt_datetimefield_value(fresh), slots]
+    return sql, [at, worker_id, at, worker_id, connection.ops.adapt_datetimefield_value(fresh_since), slots]
 
 
 def _with_jobs(runs: list[JobRun], jobs: list[Job]) -> list[JobRun]:
@@ -368,7 +370,7 @@ def _with_jobs(runs: list[JobRun], jobs: list[Job]) -> list[JobRun]:
     return runs
 
 
-def claim_runs(*, worker_id: int, slots: int, now: datetime, fresh_since: datetime | None = None) -> list[JobRun]:
+def claim_runs(*, worker_id: int, slots: int, now: datetime, lost_after: float | None = None) -> list[JobRun]:
     """Mark up to `slots` ready runs as running on this worker and return them with their jobs.
 
     PostgreSQL joins the jobs in the same statement, so a claim is one round trip and needs no
@@ -380,15 +382,13 @@ def claim_runs(*, worker_id: int, slots: int, now: datetime, fresh_since: dateti
     run_columns = _columns(JobRun)
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
-            claim, params = _claim_sql(
-                worker_id=worker_id, slots=slots, now=now, fresh_since=fresh_since, returning="*"
-            )
+            claim, params = _claim_sql(worker_id=worker_id, slots=slots, now=now, lost_after=lost_after, returning="*")
             cursor.execute(f"WITH claimed AS ({claim}) {_claimed_with_jobs()}", params)
             rows = cursor.fetchall()
             return _with_jobs(_instances(JobRun, rows), _instances(Job, rows, offset=len(run_columns)))
         with transaction.atomic(savepoint=False):
             claim, params = _claim_sql(
-                worker_id=worker_id, slots=slots, now=now, fresh_since=fresh_since, returning=", ".join(run_columns)
+                worker_id=worker_id, slots=slots, now=now, lost_after=lost_after, returning=", ".join(run_columns)
             )
             cursor.execute(claim, params)
             runs = _instances(JobRun, cursor.fetchall())
@@ -429,7 +429,7 @@ def record_and_claim(
     worker_id: int,
     slots: int,
     now: datetime,
-    fresh_since: datetime | None = None,
+    lost_after: float | None = None,
 ) -> tuple[set[int], list[JobRun]]:
     """PostgreSQL: write outcomes back and claim runs for the free slots in one statement.
 
@@ -438,7 +438,7 @@ def record_and_claim(
     Return the ids written and the runs claimed, with their jobs.
     """
     ctes, write_params = write_back
-    claim, claim_params = _claim_sql(worker_id=worker_id, slots=slots, now=now, fresh_since=fresh_since, returning="*")
+    claim, claim_params = _claim_sql(worker_id=worker_id, slots=slots, now=now, lost_after=lost_after, returning="*")
     sql = f"WITH {ctes}, claimed AS ({claim}) " + _claimed_with_jobs(
         "(SELECT array_agg(id) FROM recorded) AS recorded_ids"
     )

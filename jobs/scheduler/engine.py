@@ -391,7 +391,7 @@ class Engine:
                         report = claiming.fire_due_jobs(now=self.clock())
                     if claim:
                         runs = claiming.claim_runs(
-                            worker_id=worker_id, slots=free, now=self.clock(), fresh_since=self._fresh_since()
+                            worker_id=worker_id, slots=free, now=self.clock(), lost_after=self.lost_after
                         )
                 self._recorded(accepted, sink)
             elif claim and self._unrecorded and not any(map(runner.wants_retry, self._unrecorded)):
@@ -401,7 +401,7 @@ class Engine:
                     report = claiming.fire_due_jobs(now=self.clock())
                 write_back = runner.write_back_ctes(self._unrecorded, worker_id=worker_id)
                 recorded, runs = claiming.record_and_claim(
-                    write_back, worker_id=worker_id, slots=free, now=self.clock(), fresh_since=self._fresh_since()
+                    write_back, worker_id=worker_id, slots=free, now=self.clock(), lost_after=self.lost_after
                 )
                 self._recorded(runner.accepted_outcomes(self._unrecorded, recorded), sink)
             else:
@@ -412,7 +412,7 @@ class Engine:
                     report = claiming.fire_due_jobs(now=self.clock())
                 if claim:
                     runs = claiming.claim_runs(
-                        worker_id=worker_id, slots=free, now=self.clock(), fresh_since=self._fresh_since()
+                        worker_id=worker_id, slots=free, now=self.clock(), lost_after=self.lost_after
                     )
         except runner.REFUSED_VALUES:
             if not self._unrecorded:
@@ -528,11 +528,6 @@ class Engine:
                     "duration_seconds": duration,
                 },
             )
-
-    def _fresh_since(self) -> datetime:
-        """Claims need a heartbeat newer than this: nobody can presume this scheduler dead for
-        another half of `lost_after`, while the runs it claims start."""
-        return self.clock() - timedelta(seconds=self.lost_after / 2)
 
     def _heartbeat(self) -> None:
         assert self.process is not None
