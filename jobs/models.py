@@ -194,6 +194,10 @@ class JobRun(models.Model):
     skip_reason = models.CharField(max_length=255, blank=True, default="")
     created_at = models.DateTimeField(auto_now_add=True)
 
+    # Not stored: time.monotonic() by which the run must end, set by the runner before the
+    # executor starts (see jobs.executors.base.seconds_left).
+    deadline: float | None = None
+
     objects = JobRunQuerySet.as_manager()
 
     class Meta:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from rest_framework import serializers
@@ -14,8 +15,39 @@ class ExecutorError(Exception):
     """A run failed for a reason the executor understands; the message is shown to people."""
 
 
+class RunTimedOut(ExecutorError):
+    """The run's time (its job's `timeout_seconds`) ran out while the executor worked or waited.
+
+    The runner records the run `timed_out`, exactly as when the engine's own clock stops it.
+    """
+
+
+class OutcomeUnknown(ExecutorError):
+    """The work may have been done before the failure (a request sent, its answer lost).
+
+    A run failing this way is retried only when its job type is safe to repeat.
+    """
+
+
 class RegistryError(Exception):
     """A configured job type or data processor cannot be loaded."""
+
+
+def seconds_left(run: JobRun, *, at_most: float | None = None) -> float:
+    """Return the seconds before `run` times out (at most `at_most`); raise RunTimedOut when none are left.
+
+    Executors bound every wait (connect, send, read, a child process) by this, so that the
+    thread of a run ends near its deadline instead of running on after its slot was freed.
+    The runner sets `run.deadline`; a run executed without one (in a test, a shell) gets its
+    job's timeout from the first call.
+    """
+    deadline = run.deadline
+    if deadline is None:
+        deadline = run.deadline = time.monotonic() + run.job.timeout_seconds
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise RunTimedOut(f"the job's timeout of {run.job.timeout_seconds}s ran out")
+    return left if at_most is None else min(left, at_most)
 
 
 class Executor:
@@ -61,6 +93,13 @@ class Executor:
     def is_safe_to_repeat(self, job: Job) -> bool:
         """Whether a run of `job` lost in a crash may be run again (types may decide per job)."""
         return self.safe_to_repeat
+
+    def check_permission(self, user: Any, parameters: dict[str, Any]) -> None:
+        """Refuse (serializers.ValidationError) cleaned `parameters` that `user` may not schedule.
+
+        Called when a person creates or changes a job (API or admin), with the validated
+        parameters; jobs written by code (commands, tests) pass no user and are not checked.
+        """
 
     def execute(self, run: JobRun) -> Any:
         """Do the job's work for `run` and return its result."""
