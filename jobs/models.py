@@ -93,6 +93,10 @@ class Job(models.Model):
 
     class Meta:
         ordering = ["id"]
+        permissions = [
+            # A backup holds every secret in the database: scheduling one needs more than add_job.
+            ("schedule_database_backup", "Can schedule database backups"),
+        ]
         indexes = [
             # The scheduler's only scan: enabled jobs by due time. Its cost does not grow with
             # the jobs that are not due.
@@ -151,6 +155,10 @@ class JobRunQuerySet(models.QuerySet["JobRun"]):
 
     def active(self) -> JobRunQuerySet:
         return self.filter(status__in=JobRun.ACTIVE)
+
+    def lingering(self) -> JobRunQuerySet:
+        """Timed-out runs whose code still runs on a thread of their scheduler."""
+        return self.filter(status=JobRun.Status.TIMED_OUT, finished_at__isnull=True)
 
 
 class JobRun(models.Model):
@@ -223,6 +231,10 @@ class JobRun(models.Model):
             models.Index(fields=["worker"], condition=Q(status="running"), name="jobrun_running_idx"),
             # Whether a job has a queued or running run (the overlap policy, at every fire).
             models.Index(fields=["job"], condition=Q(status__in=["queued", "running"]), name="jobrun_active_idx"),
+            # Timed-out runs whose thread still runs (they count as running for the overlap policy).
+            models.Index(
+                fields=["job"], condition=Q(status="timed_out", finished_at__isnull=True), name="jobrun_lingering_idx"
+            ),
             # The recent runs that went wrong, for people browsing failures (PostgreSQL; SQLite
             # does not use a partial index for the ORM's bound parameters).
             models.Index(

@@ -19,7 +19,8 @@ from typing import Any, NamedTuple, TypeVar
 
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, connection, connections, transaction
-from django.db.models import Model, Q
+from django.db.models import F, Model, Q, Value
+from django.db.models.functions import Concat
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
@@ -203,11 +204,14 @@ def fire_due_jobs(*, now: datetime, limit: int = FIRE_BATCH) -> FireReport:
     adapt = connection.ops.adapt_datetimefield_value
     with transaction.atomic(savepoint=False), connection.cursor() as cursor:
         # The partial index job_due_idx answers `enabled AND next_run_at <= now`, and
-        # jobrun_active_idx (whose condition lists the same statuses) the EXISTS.
+        # jobrun_active_idx (whose condition lists the same statuses) the first EXISTS;
+        # jobrun_lingering_idx the second: a timed-out run whose thread still runs.
         cursor.execute(
             f"SELECT id, cron_expression, timezone, next_run_at, misfire_policy, misfire_grace_seconds, "
             f"overlap_policy, EXISTS (SELECT 1 FROM {runs_table} AS run WHERE run.job_id = {jobs_table}.id "
-            f"AND run.status IN ({active})) AS active FROM {jobs_table} WHERE enabled AND next_run_at <= %s "
+            f"AND run.status IN ({active})) OR EXISTS (SELECT 1 FROM {runs_table} AS run "
+            f"WHERE run.job_id = {jobs_table}.id AND run.status = '{JobRun.Status.TIMED_OUT}' "
+            f"AND run.finished_at IS NULL) AS active FROM {jobs_table} WHERE enabled AND next_run_at <= %s "
             f"ORDER BY next_run_at, id LIMIT %s{lock}",
             [adapt(now), limit],
         )
@@ -560,6 +564,11 @@ def recover_lost_runs(*, now: datetime, lost_after: float) -> list[JobRun]:
         )
         if dead:
             SchedulerProcess.objects.filter(id__in=dead).update(stopped_at=now)
+        # Timed-out runs whose threads were still going died with their scheduler.
+        JobRun.objects.lingering().filter(Q(worker__isnull=True) | Q(worker__stopped_at__isnull=False)).update(
+            finished_at=now,
+            error=Concat(F("error"), Value("\n\nits code ended when its scheduler stopped, after the timeout")),
+        )
         runs = list(
             JobRun.objects.running()
             .filter(Q(worker__isnull=True) | Q(worker__stopped_at__isnull=False))

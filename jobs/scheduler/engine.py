@@ -188,6 +188,10 @@ class Engine:
         self._done: list[runner.Outcome] = []
         self._awaited = 0  # outcomes the engine waits for: its runs in flight
         self._inflight: dict[int, _Inflight] = {}
+        # Timed-out runs whose threads still run (Python cannot stop a thread): their rows have
+        # no finished_at until the thread ends, so forbid-overlap jobs do not fire meanwhile.
+        self._lingering: dict[int, Any] = {}
+        self._late_ends: list[runner.Outcome] = []  # their threads ended; not yet stored
         self._workers = _Workers(self._work)
         # Outcomes taken from finished or timed-out runs and not yet committed: a failed write
         # keeps them here for the next pass, so no outcome is ever dropped.
@@ -306,6 +310,15 @@ class Engine:
         try:
             self._take_outcomes()
             self._write([])
+            self._record_late_ends()
+            if self._lingering:
+                # Their threads die with this process.
+                runner.record_late_ends(
+                    [
+                        runner.Outcome(run, "failed", self.clock(), error="the scheduler stopped while it still ran")
+                        for run in self._lingering.values()
+                    ]
+                )
             if self._inflight:
                 logger.warning(
                     "grace period over with %d run(s) unfinished; other schedulers will mark them lost",
@@ -335,7 +348,10 @@ class Engine:
             # Paused or cut off (the wall clock moved on, perhaps not the monotonic one): claims
             # need a fresh heartbeat, or a new identity if another presumed this one dead.
             self._heartbeat()
+        # Before the pass too, so that a job whose lingering run just ended can fire in it.
+        self._record_late_ends()
         self._pass(sink)
+        self._record_late_ends()
         # After the pass, so that a heartbeat falling due with a fire does not delay it.
         if time.monotonic() >= self._next_heartbeat:
             self._heartbeat()
@@ -456,7 +472,8 @@ class Engine:
                 lateness,
                 extra={"job_id": run.job_id, "run_id": run.pk, "status": "running", "lateness_seconds": lateness},
             )
-            self._inflight[run.pk] = _Inflight(run, now_mono + run.job.timeout_seconds)
+            run.deadline = now_mono + run.job.timeout_seconds  # executors bound their waits by it
+            self._inflight[run.pk] = _Inflight(run, run.deadline)
         with self._finished:
             self._awaited = len(self._inflight)
         for run in runs:
@@ -492,8 +509,8 @@ class Engine:
     def _take_outcomes(self) -> None:
         """Take the outcomes of finished runs and of runs past their timeout, freeing their slots.
 
-        The late outcome of a run that already timed out is ignored: its thread cannot be
-        killed, so it was abandoned.
+        A run past its timeout is recorded timed_out at once and lingers until its thread (which
+        cannot be killed) ends; the late outcome then only says when and how it ended.
         """
         with self._finished:
             if self._done:
@@ -502,12 +519,26 @@ class Engine:
         for outcome in done:
             if self._inflight.pop(outcome.run.pk, None) is not None:
                 self._unrecorded.append(outcome)
+            elif self._lingering.pop(outcome.run.pk, None) is not None:
+                self._late_ends.append(outcome)
         now_mono = time.monotonic()
         expired = [run_id for run_id, item in self._inflight.items() if item.deadline <= now_mono]
         for run_id in expired:
-            self._unrecorded.append(runner.timed_out(self._inflight.pop(run_id).run, self.clock()))
+            run = self._inflight.pop(run_id).run
+            self._lingering[run_id] = run
+            self._unrecorded.append(runner.timed_out(run, self.clock()))
         with self._finished:
             self._awaited = len(self._inflight)
+
+    def _record_late_ends(self) -> None:
+        """Store the ends of lingering runs whose timed-out outcome is already written."""
+        if not self._late_ends:
+            return
+        unwritten = {outcome.run.pk for outcome in self._unrecorded}
+        ready = [late for late in self._late_ends if late.run.pk not in unwritten]
+        if ready:
+            runner.record_late_ends(ready)
+            self._late_ends = [late for late in self._late_ends if late.run.pk in unwritten]
 
     def _log_finished(self, accepted: list[runner.Outcome]) -> None:
         for outcome in accepted:

@@ -16,11 +16,13 @@ from typing import Any
 
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import DataError, IntegrityError, connection, transaction
-from django.db.models import Field
+from django.db.models import F, Field, Value
+from django.db.models.functions import Concat
 from django.utils import timezone
 
 from jobs.conf import get
 from jobs.executors import UnknownJobType, get_executor
+from jobs.executors.base import OutcomeUnknown, RunTimedOut
 from jobs.models import Job, JobRun
 
 logger = logging.getLogger(__name__)
@@ -35,6 +37,15 @@ class Outcome:
     finished_at: datetime
     result: Any = None
     error: str = ""
+    # Timed out while its thread still runs: stored without `finished_at` (the job counts as
+    # running for overlap_policy=forbid) until the thread ends.
+    lingering: bool = False
+    # Failed after its work may have been done (a mail handed over, its reply lost).
+    maybe_done: bool = False
+
+    @property
+    def stored_finished_at(self) -> datetime | None:
+        return None if self.lingering else self.finished_at
 
 
 # A JSON \u0000 escape (not an escaped backslash followed by "u0000"): PostgreSQL's jsonb refuses it.
@@ -71,13 +82,19 @@ def _format_error(exc: BaseException) -> str:
 
 
 def execute(run: JobRun, *, clock: Callable[[], datetime] = timezone.now) -> Outcome:
-    """Run the job's executor for `run` and return the outcome; never raises."""
+    """Run the job's executor for `run` and return the outcome; never raises.
+
+    The executor bounds its waits by `run.deadline` (see executors.base.seconds_left); when
+    that runs out inside it, the run is timed out, as when the engine's clock stops it.
+    """
     try:
         result = get_executor(run.job.job_type).execute(run)
     except UnknownJobType:
         return Outcome(
             run, JobRun.Status.FAILED, clock(), error=f"unknown job type {run.job.job_type!r} on this scheduler"
         )
+    except RunTimedOut as exc:
+        return _without_unsafe_retry(Outcome(run, JobRun.Status.TIMED_OUT, clock(), error=_format_error(exc)))
     except (Exception, SystemExit) as exc:  # noqa: BLE001 - any failure of user code is the run's failure
         logger.error(
             "run raised job=%s run=%s",
@@ -86,15 +103,66 @@ def execute(run: JobRun, *, clock: Callable[[], datetime] = timezone.now) -> Out
             exc_info=exc,
             extra={"job_id": run.job_id, "run_id": run.pk},
         )
-        return Outcome(run, JobRun.Status.FAILED, clock(), error=_format_error(exc))
+        outcome = Outcome(
+            run, JobRun.Status.FAILED, clock(), error=_format_error(exc), maybe_done=isinstance(exc, OutcomeUnknown)
+        )
+        return _without_unsafe_retry(outcome)
     return Outcome(run, JobRun.Status.SUCCEEDED, clock(), result=_cap_result(result))
 
 
 def timed_out(run: JobRun, now: datetime) -> Outcome:
-    """The outcome of a run that overran its job's timeout."""
-    return Outcome(
-        run, JobRun.Status.TIMED_OUT, now, error=f"timed out after {run.job.timeout_seconds}s; its slot was freed"
+    """The outcome of a run that overran its job's timeout while its thread goes on."""
+    return _without_unsafe_retry(
+        Outcome(
+            run,
+            JobRun.Status.TIMED_OUT,
+            now,
+            error=f"timed out after {run.job.timeout_seconds}s; its slot was freed",
+            lingering=True,
+        )
     )
+
+
+def record_late_ends(ends: list[Outcome]) -> None:
+    """Store when the threads of timed-out runs ended, and how, on their rows.
+
+    Until then a run is `timed_out` without `finished_at`, and its job counts as running for
+    overlap_policy=forbid. Fenced like any write-back: only the scheduler that ran it writes.
+    """
+    for late in ends:
+        run = late.run
+        how = "succeeded; its result was not kept" if late.status == JobRun.Status.SUCCEEDED else late.error
+        note = (
+            f"\n\nits code ended at {late.finished_at:%Y-%m-%d %H:%M:%S} UTC, after the timeout: {how.splitlines()[0]}"
+        )
+        JobRun.objects.filter(
+            pk=run.pk, status=JobRun.Status.TIMED_OUT, finished_at__isnull=True, worker_id=run.worker_id
+        ).update(finished_at=late.finished_at, error=Concat(F("error"), Value(note[:1000])))
+
+
+def safe_to_repeat(job: Job) -> bool:
+    """Whether the job's type says running its work twice for one fire does no harm."""
+    try:
+        return get_executor(job.job_type).is_safe_to_repeat(job)
+    except UnknownJobType:
+        return False
+
+
+def _repeat_unsafe(outcome: Outcome) -> bool:
+    """A timed-out run, or one whose work may have been done, of a type not safe to repeat."""
+    uncertain = outcome.status == JobRun.Status.TIMED_OUT or outcome.maybe_done
+    return uncertain and not safe_to_repeat(outcome.run.job)
+
+
+def _without_unsafe_retry(outcome: Outcome) -> Outcome:
+    """Say on the run why it is not retried although retries are left."""
+    if outcome.run.attempt <= outcome.run.job.max_retries and _repeat_unsafe(outcome):
+        outcome.error = (
+            f"not retried: a {outcome.run.job.job_type} run is not safe to repeat, and this one may have "
+            f"done its work before it {'timed out' if outcome.status == JobRun.Status.TIMED_OUT else 'failed'}\n"
+            f"{outcome.error}"
+        )
+    return outcome
 
 
 def retry_delay(job: Job, attempt: int, *, rng: random.Random | None = None) -> float:
@@ -128,7 +196,7 @@ def _outcome_values(outcomes: list[Outcome]) -> tuple[str, list[Any]]:
         params += [
             outcome.run.pk,
             str(outcome.status),
-            adapt(outcome.finished_at),
+            adapt(outcome.stored_finished_at),
             _result_json(outcome),
             outcome.error,
         ]
@@ -188,7 +256,7 @@ def _outcome_arrays(outcomes: list[Outcome]) -> tuple[str, list[Any]]:
     params: list[Any] = [
         [outcome.run.pk for outcome in outcomes],
         [outcome.status for outcome in outcomes],
-        [outcome.finished_at for outcome in outcomes],
+        [outcome.stored_finished_at for outcome in outcomes],
         [_result_json(outcome) for outcome in outcomes],  # the cast to jsonb[] parses it
         [outcome.error for outcome in outcomes],
     ]
@@ -250,7 +318,7 @@ def accepted_outcomes(outcomes: list[Outcome], recorded: set[int]) -> list[Outco
             )
         )
         for outcome in missing:
-            if (outcome.run.pk, outcome.status, outcome.finished_at) in stored:
+            if (outcome.run.pk, outcome.status, outcome.stored_finished_at) in stored:
                 recorded = recorded | {outcome.run.pk}
                 continue
             logger.warning(
@@ -296,9 +364,11 @@ def record_one_by_one(outcomes: list[Outcome], *, worker_id: int) -> list[Outcom
 
 
 def wants_retry(outcome: Outcome) -> bool:
-    """Whether a retry is due for this outcome (a failure with attempts left)."""
+    """Whether a retry is due for this outcome: a failure with attempts left, which may be
+    repeated (a timed-out run, or one that may have done its work, only if its type is safe
+    to repeat)."""
     failed = outcome.status in (JobRun.Status.FAILED, JobRun.Status.TIMED_OUT)
-    return failed and outcome.run.attempt <= outcome.run.job.max_retries
+    return failed and outcome.run.attempt <= outcome.run.job.max_retries and not _repeat_unsafe(outcome)
 
 
 def record_outcomes(outcomes: Iterable[Outcome], *, worker_id: int) -> list[Outcome]:

@@ -305,6 +305,26 @@ def test_runs_of_a_dead_scheduler_become_lost_and_safe_ones_retry(make_job, now,
     assert job.last_run_status == "lost"
 
 
+def test_a_dead_schedulers_lingering_runs_end_with_it_and_their_job_fires_again(make_job, now):
+    dead = _worker(now, last_heartbeat_at=now - timedelta(seconds=31))
+    alive = _worker(now)
+    job = make_job(now=now - timedelta(minutes=1), cron="* * * * *", job_type="test_sleep")
+    other = make_job(now=now - timedelta(minutes=1), cron="* * * * *", job_type="test_sleep", name="other")
+    timed_out = {"status": "timed_out", "started_at": now - timedelta(minutes=5), "not_before": now}
+    gone = JobRun.objects.create(job=job, scheduled_for=now - timedelta(minutes=5), worker=dead, **timed_out)
+    still = JobRun.objects.create(job=other, scheduled_for=now - timedelta(minutes=5), worker=alive, **timed_out)
+    claiming.recover_lost_runs(now=now, lost_after=30)
+    gone.refresh_from_db()
+    still.refresh_from_db()
+    assert gone.finished_at == now and "ended when its scheduler stopped" in gone.error
+    assert still.finished_at is None  # its scheduler lives: its thread may still run
+    # The job whose thread died fires; the other still counts as running (overlap forbidden).
+    claiming.fire_due_jobs(now=now)
+    assert JobRun.objects.get(job=job, scheduled_for=now).status == "queued"
+    fired = JobRun.objects.get(job=other, scheduled_for=now)
+    assert fired.status == "skipped" and fired.skip_reason.startswith("overlap")
+
+
 def test_a_lost_run_is_retried_only_once_when_max_retries_is_zero(make_job, now):
     dead = _worker(now, last_heartbeat_at=now - timedelta(seconds=60))
     job = make_job(now=now, cron="0 0 1 1 *", job_type="test_sleep")
@@ -518,5 +538,7 @@ def test_the_runs_table_has_exactly_the_indexes_the_scheduler_needs(db):
         "jobrun_queue_idx": ["not_before", "id"],
         "jobrun_running_idx": ["worker_id"],
         "jobrun_active_idx": ["job_id"],
+        # Holds only timed-out runs whose thread still runs: none on the hot path.
+        "jobrun_lingering_idx": ["job_id"],
         "jobrun_trouble_idx": ["scheduled_for"],
     }

@@ -379,3 +379,53 @@ def test_after_a_pause_the_scheduler_heartbeats_before_it_claims(make_job, now):
     assert [o.status for o in engine.run_once()] == ["succeeded"]
     assert engine.process.pk == process.pk
     assert SchedulerProcess.objects.get(pk=process.pk).last_heartbeat_at == clock[0]
+
+
+def test_a_timed_out_run_whose_thread_still_runs_blocks_forbidden_overlap_until_it_ends(make_job, engine_factory, now):
+    """Python cannot stop a thread: until a timed-out run's code ends, its job is still running."""
+    job = make_job(
+        now=now - timedelta(seconds=30),
+        job_type="test_sleep_unsafe",
+        parameters={"seconds": 2.0},
+        timeout_seconds=1,
+        max_retries=3,
+    )
+    clock = [now]
+    engine = engine_factory(max_concurrent=1, max_sleep=0, clock=lambda: clock[0])
+    started = time.monotonic()
+    assert [o.status for o in engine.run_once()] == ["timed_out"]
+    first = JobRun.objects.get(job=job)
+    assert first.status == "timed_out" and first.finished_at is None
+    assert first.error.startswith("not retried: a test_sleep_unsafe run is not safe to repeat")
+    assert not JobRun.objects.filter(job=job, attempt=2).exists()  # 3 retries left, none queued
+
+    # The next fire comes while the thread still sleeps: recorded as an overlap, not run.
+    clock[0] = now + timedelta(minutes=1)
+    assert engine.run_once() == []
+    skipped = JobRun.objects.get(job=job, scheduled_for=now + timedelta(minutes=1))
+    assert skipped.status == "skipped" and skipped.skip_reason.startswith("overlap")
+
+    # Once the thread has ended its row says so, and the job fires again.
+    time.sleep(max(0.0, 2.3 - (time.monotonic() - started)))
+    clock[0] = now + timedelta(minutes=2)
+    assert [o.status for o in engine.run_once()] == ["timed_out"]  # it sleeps 2 s again
+    first.refresh_from_db()
+    assert first.finished_at is not None and "its code ended at" in first.error and "succeeded" in first.error
+    assert JobRun.objects.get(job=job, scheduled_for=now + timedelta(minutes=2)).attempt == 1
+
+
+def test_a_safe_timed_out_run_is_retried_and_shutdown_ends_lingering_runs(make_job, engine_factory, now):
+    job = make_job(
+        now=now - timedelta(seconds=30),
+        job_type="test_sleep",  # safe to repeat
+        parameters={"seconds": 3600},
+        timeout_seconds=1,
+        max_retries=1,
+    )
+    engine = engine_factory(now=now, max_concurrent=1)
+    assert [o.status for o in engine.run_once()] == ["timed_out"]
+    assert JobRun.objects.get(job=job, attempt=2).status == "queued"
+    engine.stop()
+    first = JobRun.objects.get(job=job, attempt=1)
+    assert first.finished_at is not None and "the scheduler stopped while it still ran" in first.error
+    assert not JobRun.objects.lingering().exists()

@@ -67,11 +67,41 @@ def test_retry_delay_grows_exponentially_with_jitter(make_job, now, attempt, low
     assert len(set(delays)) > 40  # jittered, not all the same
 
 
-def test_timed_out_outcome_can_be_retried(running, now):
-    run, worker = running(job_type="test_hang", max_retries=1, retry_backoff_seconds=1, timeout_seconds=1)
-    accepted = runner.record_outcomes([runner.timed_out(run, now + timedelta(seconds=1))], worker_id=worker.pk)
-    assert [o.status for o in accepted] == ["timed_out"]
-    assert JobRun.objects.filter(job=run.job, attempt=2, status="queued").exists()
+def test_a_timed_out_run_is_retried_only_when_its_type_is_safe_to_repeat(running, now):
+    safe, worker = running(job_type="test_sleep", max_retries=1, retry_backoff_seconds=1, timeout_seconds=1)
+    unsafe, _ = running(job_type="test_sleep_unsafe", max_retries=1, retry_backoff_seconds=1, timeout_seconds=1)
+    unsafe.worker_id = worker.pk
+    JobRun.objects.filter(pk=unsafe.pk).update(worker=worker)
+    later = now + timedelta(seconds=1)
+    outcomes = [runner.timed_out(safe, later), runner.timed_out(unsafe, later)]
+    accepted = runner.record_outcomes(outcomes, worker_id=worker.pk)
+    assert [o.status for o in accepted] == ["timed_out", "timed_out"]
+    assert JobRun.objects.filter(job=safe.job, attempt=2, status="queued").exists()
+    assert not JobRun.objects.filter(job=unsafe.job, attempt=2).exists()
+    row = JobRun.objects.get(pk=unsafe.pk)
+    assert row.error.startswith("not retried: a test_sleep_unsafe run is not safe to repeat")
+    # Their threads still run: no finished_at yet, and their jobs count as running.
+    assert row.finished_at is None
+    assert set(JobRun.objects.lingering()) == {safe, unsafe}
+
+
+def test_a_failure_that_may_have_done_the_work_is_not_retried_for_an_unsafe_type(running, now, monkeypatch):
+    from jobs.executors import get_executor
+    from jobs.executors.base import OutcomeUnknown
+
+    def sent_without_reply(self, run):
+        raise OutcomeUnknown("sent, no reply")
+
+    run, worker = running(job_type="test_sleep_unsafe", max_retries=2)
+    outcome = runner.Outcome(run, "failed", now, error="OutcomeUnknown: sent, no reply", maybe_done=True)
+    assert runner.wants_retry(outcome) is False
+    safe_run, _ = running(job_type="test_sleep", max_retries=2)
+    assert runner.wants_retry(runner.Outcome(safe_run, "failed", now, maybe_done=True)) is True
+    # The runner maps the exception to that outcome, and says why on the row.
+    monkeypatch.setattr(type(get_executor("test_sleep_unsafe")), "execute", sent_without_reply)
+    result = runner.execute(run, clock=lambda: now)
+    assert (result.status, result.maybe_done) == ("failed", True)
+    assert result.error.startswith("not retried: a test_sleep_unsafe run is not safe to repeat")
 
 
 def test_a_batch_is_written_in_one_or_two_statements_and_fenced_run_by_run(make_job, now):
