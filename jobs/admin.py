@@ -27,6 +27,7 @@ from .conf import get
 from .executors import all_executors
 from .forms import JobAdminForm
 from .models import Job, JobRun, SchedulerProcess
+from .secrets import mask_secrets
 
 RECENT_RUNS = 20
 PREVIEW_COUNT = 5
@@ -223,6 +224,17 @@ class JobAdmin(admin.ModelAdmin):
 
     def get_inlines(self, request: HttpRequest, obj: Job | None) -> tuple[type[admin.options.InlineModelAdmin], ...]:
         return self.inlines if obj is not None else ()
+
+    def get_form(self, request: HttpRequest, obj: Any = None, change: bool = False, **kwargs: Any) -> Any:
+        form = super().get_form(request, obj, change, **kwargs)
+        return type(form.__name__, (form,), {"user": request.user})
+
+    def get_object(self, request: HttpRequest, object_id: str, from_field: str | None = None) -> Job | None:
+        job = super().get_object(request, object_id, from_field)
+        if job is not None and not self.has_change_permission(request, job):
+            # Shown read-only: who may not change the job does not need its credentials.
+            job.parameters = mask_secrets(job.parameters)
+        return job
 
     # --- columns and read-only fields ---
 

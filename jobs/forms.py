@@ -73,6 +73,8 @@ def _parameters_help(executor: Executor) -> str:
 
 
 class JobAdminForm(forms.ModelForm):
+    # The person saving (set by JobAdmin.get_form): the job type checks what they may schedule.
+    user: Any = None
     job_type = forms.ChoiceField(help_text=Job._meta.get_field("job_type").help_text)
     parameters = PrettyJSONField(
         required=False,
@@ -123,6 +125,7 @@ class JobAdminForm(forms.ModelForm):
                 timezone=cleaned_data.get("timezone", ""),
                 job_type=cleaned_data.get("job_type", ""),
                 parameters=cleaned_data.get("parameters"),
+                user=self.user,
             )
         except services.JobValidationError as exc:
             for name, detail in exc.errors.items():

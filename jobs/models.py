@@ -33,7 +33,7 @@ class Job(models.Model):
         ALLOW = "allow", "Allow runs to overlap"
 
     name = models.CharField(max_length=200, help_text="A name people recognise, e.g. 'Daily report'.")
-    description = models.TextField(blank=True, default="", help_text="What the job is for.")
+    description = models.TextField(blank=True, default="", max_length=10_000, help_text="What the job is for.")
     cron_expression = models.CharField(
         max_length=200,
         help_text=(

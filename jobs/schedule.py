@@ -181,9 +181,37 @@ def validate_cron(expression: str) -> str:
     return parse(expression).expression
 
 
+# IANA names: ASCII letters, digits, '_', '+', '-', in '/'-separated parts (no look-alikes,
+# invisible or direction-override characters, no paths).
+_ZONE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_+-]*(?:/[A-Za-z0-9_+-]+){0,2}$")
+# Files in a zoneinfo folder that are not zones: the host's own setting, a placeholder zone,
+# and POSIX defaults; "posix/" and "right/" are copies with other leap-second rules.
+_NOT_ZONES = frozenset({"localtime", "Factory", "posixrules"})
+
+
+@lru_cache(maxsize=1)
+def _zone_names() -> frozenset[str]:
+    return frozenset(zoneinfo.available_timezones())
+
+
+def validate_timezone(name: str) -> str:
+    """Return `name` if it is an IANA time zone name, or raise CronError."""
+    if not (
+        isinstance(name, str)
+        and len(name) <= 64
+        and _ZONE_NAME.fullmatch(name)
+        and name not in _NOT_ZONES
+        and not name.startswith(("posix/", "right/"))
+        and name in _zone_names()
+    ):
+        raise CronError(f"{name!r} is not an IANA time zone (for example Europe/Berlin or UTC)")
+    zone(name)  # listed, so it loads; this keeps the two checks from ever disagreeing
+    return name
+
+
 @lru_cache(maxsize=512)
 def zone(name: str) -> zoneinfo.ZoneInfo:
-    """Return the IANA time zone `name`, or raise CronError."""
+    """Return the time zone `name` for computing fire times, or raise CronError."""
     try:
         return zoneinfo.ZoneInfo(name)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError, TypeError):
@@ -297,12 +325,34 @@ def fire_times(expression: str, timezone: str, after: datetime, count: int) -> l
     return times
 
 
+def _exact_steps(field: _Field, item: str) -> str:
+    """Write a step as the values it fires at when "every N" would not hold across the wrap.
+
+    `*/7` minutes fires at :56 and then :00, four minutes later, and `*/90` only at :00; a
+    description must say what fires, so such steps become lists ("at 0, 7, ... 56 minutes").
+    """
+    match = re.fullmatch(r"(\*|\d+)/(\d+)", item)
+    if not match:
+        return item
+    high = 6 if field is _DOW else field.high  # day 7 is Sunday again
+    start = field.low if match[1] == "*" else int(match[1])
+    step, count = int(match[2]), high - field.low + 1
+    if step < count and count % step == 0:
+        return item
+    return ",".join(str(value) for value in range(start, high + 1, step))
+
+
 def describe(expression: str) -> str:
     """Describe a valid expression in plain words, e.g. "At 09:00, only on Monday"."""
     from cron_descriptor import Options, get_description
 
     cron = parse(expression)
-    body = MACROS.get(cron.expression, cron.expression)
+    fields = [_SECOND, _MINUTE, _HOUR, _DOM, _MONTH, _DOW][0 if cron.has_seconds else 1 :]
+    parts = cron.croniter_expression.split(" ")
+    body = " ".join(
+        ",".join(_exact_steps(field, item) for item in part.split(","))
+        for field, part in zip(fields, parts, strict=True)
+    )
     # cron-descriptor reads Quartz's "5L" for the last Friday; croniter writes "L5".
     body = re.sub(r"\bL([0-7])\b", r"\1L", body)
     options = Options()

@@ -59,8 +59,15 @@ def parameters_problem(parameters: Any) -> str | None:
     return None
 
 
-def job_clean(*, cron_expression: str, timezone: str, job_type: str, parameters: Any) -> dict[str, Any]:
-    """Check the fields that depend on each other; return normalised values or raise JobValidationError."""
+def job_clean(
+    *, cron_expression: str, timezone: str, job_type: str, parameters: Any, user: Any = None
+) -> dict[str, Any]:
+    """Check the fields that depend on each other; return normalised values or raise JobValidationError.
+
+    With a `user` (a person writing through the API or the admin), the job type also checks
+    that this user may schedule these parameters (a model export needs view permission on the
+    model, a backup a permission of its own).
+    """
     errors: dict[str, Any] = {}
     cleaned: dict[str, Any] = {}
     try:
@@ -68,8 +75,7 @@ def job_clean(*, cron_expression: str, timezone: str, job_type: str, parameters:
     except schedule.CronError as exc:
         errors["cron_expression"] = [str(exc)]
     try:
-        schedule.zone(timezone)
-        cleaned["timezone"] = timezone
+        cleaned["timezone"] = schedule.validate_timezone(timezone)
     except schedule.CronError as exc:
         errors["timezone"] = [str(exc)]
     try:
@@ -84,7 +90,9 @@ def job_clean(*, cron_expression: str, timezone: str, job_type: str, parameters:
             errors["parameters"] = [problem]
         else:
             try:
-                executor.validate_parameters(parameters)
+                validated = executor.validate_parameters(parameters)
+                if user is not None:
+                    executor.check_permission(user, validated)
             except serializers.ValidationError as exc:
                 errors["parameters"] = _flatten(exc.detail)
         cleaned["parameters"] = parameters

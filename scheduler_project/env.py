@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import zoneinfo
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -87,12 +86,13 @@ def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
 
 
 def env_timezone(name: str, default: str) -> str:
+    from jobs.schedule import CronError, validate_timezone  # pure cron maths: no Django needed
+
     value = env_str(name, default)
     try:
-        zoneinfo.ZoneInfo(value)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return validate_timezone(value)
+    except CronError:
         raise ConfigError(name, f"{value!r} is not an IANA time zone (for example Europe/Berlin)") from None
-    return value
 
 
 def redact_password(value: str) -> str:

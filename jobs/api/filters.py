@@ -12,6 +12,9 @@ from rest_framework.request import Request
 from jobs.models import Job, JobRun
 
 MAX_ID = 2**63 - 1
+# Each search word is one more LIKE over every searched column: bound the work a query can ask for.
+MAX_SEARCH_TERMS = 10
+MAX_SEARCH_CHARS = 200
 
 
 class IdFilter(django_filters.NumberFilter):
@@ -76,10 +79,15 @@ class SearchFilter(filters.SearchFilter):
     """DRF's search filter, whose errors name the `search` parameter."""
 
     def get_search_terms(self, request: Request) -> list[str]:
+        if len(request.query_params.get(self.search_param, "")) > MAX_SEARCH_CHARS:
+            raise ValidationError({self.search_param: [f"at most {MAX_SEARCH_CHARS} characters"]})
         try:
-            return super().get_search_terms(request)
+            terms = super().get_search_terms(request)
         except ValidationError as exc:
             raise ValidationError({self.search_param: exc.detail}) from exc
+        if len(terms) > MAX_SEARCH_TERMS:
+            raise ValidationError({self.search_param: [f"at most {MAX_SEARCH_TERMS} words"]})
+        return terms
 
 
 class OrderingFilter(filters.OrderingFilter):

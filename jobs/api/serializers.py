@@ -9,9 +9,21 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from jobs import schedule, services
-from jobs.models import Job, JobRun, SchedulerProcess
+from jobs.executors import job_type_names
+from jobs.models import Job, JobRun, SchedulerProcess, default_timezone
+from jobs.secrets import mask_secrets
 
 PREVIEW_YEARS = (1900, 9000)
+
+
+class JobTypeField(serializers.ChoiceField):
+    """The registered job types as choices; an unknown one is reported by `services.job_clean`
+    with the other fields' problems, rather than stopping validation on its own."""
+
+    def to_internal_value(self, data: Any) -> str:
+        if not isinstance(data, str) or not data:
+            self.fail("invalid_choice", input=data)
+        return data
 
 
 class JobSerializer(serializers.ModelSerializer):
@@ -45,6 +57,23 @@ class JobSerializer(serializers.ModelSerializer):
             "updated_at",
         ]
         read_only_fields = ["next_run_at", "last_run_at", "last_run_status", "created_at", "updated_at"]
+        # What the browsable API's form starts with: the model's defaults (an unticked box
+        # would otherwise create a disabled job).
+        extra_kwargs = {"enabled": {"initial": True}, "timezone": {"initial": default_timezone}}
+
+    def get_fields(self) -> dict[str, serializers.Field]:
+        fields = super().get_fields()
+        # A choice (a select in the browsable API, an enum in the schema) of the registered types.
+        fields["job_type"] = JobTypeField(choices=job_type_names(), help_text=Job._meta.get_field("job_type").help_text)
+        return fields
+
+    def to_representation(self, instance: Job) -> dict[str, Any]:
+        data = super().to_representation(instance)
+        user = self._acting_user()
+        if user is not None and not user.has_perm("jobs.change_job"):
+            # Who may read a job but not change it does not need its credentials.
+            data["parameters"] = mask_secrets(data["parameters"])
+        return data
 
     def get_schedule_description(self, job: Job) -> str:
         return schedule.describe(job.cron_expression)
@@ -56,6 +85,10 @@ class JobSerializer(serializers.ModelSerializer):
         if problem:
             raise serializers.ValidationError(problem)
         return value
+
+    def _acting_user(self) -> Any:
+        request = self.context.get("request")
+        return getattr(request, "user", None)
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         def current(name: str, default: Any) -> Any:
@@ -69,6 +102,7 @@ class JobSerializer(serializers.ModelSerializer):
                 timezone=current("timezone", Job._meta.get_field("timezone").get_default()),
                 job_type=current("job_type", ""),
                 parameters=current("parameters", {}),
+                user=self._acting_user(),
             )
         except services.JobValidationError as exc:
             raise serializers.ValidationError(exc.errors) from exc
@@ -130,10 +164,9 @@ class CronPreviewQuerySerializer(serializers.Serializer):
 
     def validate_timezone(self, value: str) -> str:
         try:
-            schedule.zone(value)
+            return schedule.validate_timezone(value)
         except schedule.CronError as exc:
             raise serializers.ValidationError(str(exc)) from exc
-        return value
 
     def validate_after(self, value: datetime) -> datetime:
         # Calendar maths near year 9999 overflows Python's datetime; no schedule needs it.

@@ -74,8 +74,8 @@ def form_data(*, change: bool = False, **overrides: Any) -> dict[str, Any]:
     return {key: value for key, value in data.items() if value is not None}
 
 
-def staff_client(*codenames: str) -> Client:
-    user = User.objects.create_user("viewer", password="viewer-password-123", is_staff=True)
+def staff_client(*codenames: str, username: str = "viewer") -> Client:
+    user = User.objects.create_user(username, password="viewer-password-123", is_staff=True)
     user.user_permissions.set(Permission.objects.filter(codename__in=codenames, content_type__app_label="jobs"))
     client = Client()
     client.force_login(user)
@@ -647,3 +647,14 @@ def test_scheduler_processes_show_heartbeats_and_whether_alive(admin_client: Cli
     assert html.count('src="/static/admin/img/icon-no.svg"') == 2
     assert "5 min 0 s" in html or "5 min 1 s" in html  # heartbeat age
     assert admin_client.get(reverse("admin:jobs_schedulerprocess_add")).status_code == 403
+
+
+def test_a_view_only_user_sees_secrets_masked_and_an_editor_sees_them(make_job: MakeJob) -> None:
+    parameters = {"url": "https://hooks.example.com/x", "headers": {"Authorization": "Bearer s3cret"}}
+    job = make_job(job_type="http_request", parameters=parameters)
+    url = reverse("admin:jobs_job_change", args=[job.pk])
+    page = staff_client("view_job").get(url).content.decode()
+    assert "s3cret" not in page and "********" in page
+    assert "s3cret" in staff_client("view_job", "change_job", username="editor").get(url).content.decode()
+    job.refresh_from_db()
+    assert job.parameters == parameters  # masking is only what is shown

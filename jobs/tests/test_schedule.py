@@ -7,12 +7,21 @@ under test. Pure functions, so no database, no clock and no sleeping.
 
 from __future__ import annotations
 
+import itertools
 import re
 from datetime import datetime, timedelta
 
 import pytest
 
-from jobs.schedule import CronError, describe, fire_times, next_fire_after, validate_cron, zone
+from jobs.schedule import (
+    CronError,
+    describe,
+    fire_times,
+    next_fire_after,
+    validate_cron,
+    validate_timezone,
+    zone,
+)
 
 MICROSECOND = timedelta(microseconds=1)
 
@@ -712,6 +721,100 @@ def test_bad_time_zones_are_refused(zone_name: str) -> None:
         zone(zone_name)
     with pytest.raises(CronError, match=f"^{re.escape(message)}$"):
         next_fire_after("0 9 * * *", zone_name, utc("2026-01-01T00:00:00Z"))
+
+
+# Files and links a zoneinfo folder holds that are not IANA zones, and names dressed up with
+# characters that do not show.
+NOT_IANA = [
+    "localtime",
+    "Factory",
+    "posixrules",
+    "posix/Europe/Berlin",
+    "right/UTC",
+    "Europe/Berlin\u200b",
+    "\u202eUTC",
+    "Europe/Ber\u200dlin",
+    "Europe\u2215Berlin",
+    "utc",
+    " UTC",
+    "Europe//Berlin",
+    "/usr/share/zoneinfo/UTC",
+    "Europe/Berlin/",
+    "x" * 65,
+]
+
+
+@pytest.mark.parametrize("zone_name", NOT_IANA)
+def test_only_iana_zone_names_are_accepted(zone_name: str) -> None:
+    with pytest.raises(CronError, match="is not an IANA time zone"):
+        validate_timezone(zone_name)
+
+
+@pytest.mark.parametrize(
+    "zone_name", ["UTC", "Europe/Berlin", "America/Argentina/Buenos_Aires", "Etc/GMT+5", "Asia/Kolkata", "EST5EDT"]
+)
+def test_iana_zone_names_are_accepted(zone_name: str) -> None:
+    assert validate_timezone(zone_name) == zone_name
+
+
+# Steps whose "every N" would be false somewhere (at the wrap of the hour, day or month) must be
+# described by the values that fire; those that divide the range evenly keep "every N".
+STEP_EXPRESSIONS = [
+    "*/90 * * * *",
+    "*/7 * * * *",
+    "*/45 * * * *",
+    "5/15 * * * *",
+    "*/15 * * * *",
+    "*/30 * * * *",
+    "*/1 * * * *",
+    "*/60 * * * *",
+    "0 */5 * * *",
+    "0 */6 * * *",
+    "0 */7 * * *",
+    "0 */25 * * *",
+    "3/4 * * * *",
+    "*/7 * * * * *",
+    "*/20 * * * * *",
+    "*/59 * * * * *",
+    "0 0 */2 * *",
+    "0 0 */10 * *",
+    "0 0 1 */5 *",
+    "0 0 1 */3 *",
+    "0 0 * * */2",
+    "0 0 * * */3",
+]
+_EVERY = re.compile(r"^Every (\d+ )?(second|minute|hour)s?\b")
+_UNIT = {"second": 1, "minute": 60, "hour": 3600}
+
+
+@pytest.mark.parametrize("expression", STEP_EXPRESSIONS)
+def test_an_every_n_description_matches_the_gaps_between_fire_times(expression: str) -> None:
+    description = describe(expression)
+    times = fire_times(expression, "UTC", utc("2026-01-30T21:00:00Z"), 100)
+    gaps = {int((later - earlier).total_seconds()) for earlier, later in itertools.pairwise(times)}
+    match = _EVERY.match(description)
+    if match:
+        # "Every N minutes": every fire is N minutes after the one before, across the wrap too.
+        assert gaps == {int(match[1] or 1) * _UNIT[match[2]]}, (description, sorted(gaps))
+    else:
+        assert len(gaps) > 1 or "every" not in description.lower(), (description, sorted(gaps))
+
+
+@pytest.mark.parametrize(
+    ("expression", "description"),
+    [
+        ("*/90 * * * *", "Every hour"),
+        ("*/7 * * * *", "At 0, 7, 14, 21, 28, 35, 42, 49, and 56 minutes past the hour"),
+        ("0 0 */10 * *", "At 00:00, on day 1, 11, 21, and 31 of the month"),
+        ("0 0 1 */5 *", "At 00:00, on day 1 of the month, only in January, June, and November"),
+        ("0 0 * * */2", "At 00:00, only on Sunday, Tuesday, Thursday, and Saturday"),
+        ("5/15 * * * *", "Every 15 minutes, starting at 5 minutes past the hour"),
+        ("0 */6 * * *", "Every 6 hours"),
+        ("0 */5 * * *", "At 00:00, 05:00, 10:00, 15:00 and 20:00"),
+    ],
+)
+def test_steps_are_described_by_what_fires(expression: str, description: str) -> None:
+    assert describe(expression) == description
 
 
 @pytest.mark.parametrize(

@@ -63,6 +63,7 @@ BAD_VALUES = [
     ({"DATABASE_URL": "postgres://u@db.example.com:port/x"}, "DATABASE_URL", "not a valid database URL"),
     ({"DEBUG": "maybe"}, "DEBUG", "'maybe' is not a boolean"),
     ({"TIME_ZONE": "Mars/Olympus"}, "TIME_ZONE", "'Mars/Olympus' is not an IANA time zone"),
+    ({"TIME_ZONE": "localtime"}, "TIME_ZONE", "'localtime' is not an IANA time zone"),
     ({"SECRET_KEY": None, "DEBUG": "false"}, "SECRET_KEY", "required when DEBUG is false"),
     ({"SECRET_KEY": "", "DEBUG": None}, "SECRET_KEY", "required when DEBUG is false"),
     ({"EMAIL_PORT": "x"}, "EMAIL_PORT", "'x' is not a whole number"),
