@@ -17,14 +17,12 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 venv: $(VENV)/.installed
 
-# Web server and scheduler together until Ctrl-C. DEBUG stays false; a local SECRET_KEY is
-# generated once into .env, and HTTPS-only cookies/redirects are off for http://127.0.0.1.
+# Web server and scheduler together until Ctrl-C. DEBUG stays false; .env gets a generated local
+# SECRET_KEY and HTTPS-only cookies/redirects switched off for http://127.0.0.1 (scripts/local_env.py),
+# so `manage.py runserver` started later with the same .env behaves the same.
 run: $(VENV)/.installed
-	@test -f .env && grep -q '^SECRET_KEY=' .env || \
-		(echo "SECRET_KEY=$$($(PY) -c 'import secrets; print(secrets.token_urlsafe(50))')" >> .env && \
-		 echo "wrote a local SECRET_KEY to .env")
-	@export SECURE_SSL_REDIRECT=false SESSION_COOKIE_SECURE=false CSRF_COOKIE_SECURE=false SECURE_HSTS_SECONDS=0; \
-	$(PY) manage.py migrate --noinput -v0 && \
+	@$(PY) scripts/local_env.py .env
+	@$(PY) manage.py migrate --noinput -v0 && \
 	$(PY) manage.py collectstatic --noinput -v0 && \
 	$(PY) manage.py ensureadmin --url http://127.0.0.1:$(PORT) && \
 	trap 'kill $$sched 2>/dev/null; wait $$sched 2>/dev/null' EXIT INT TERM; \

@@ -9,6 +9,13 @@ from django.core import checks
 
 
 @checks.register("jobs")
+def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    from .conf import problems
+
+    return [checks.Error(problem, hint="Fix JOBS in settings.", id="jobs.E006") for problem in problems()]
+
+
+@checks.register("jobs")
 def check_executors(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     from .executors import RegistryError, all_executors
 
@@ -41,7 +48,7 @@ def check_processors(app_configs: Any = None, **kwargs: Any) -> list[checks.Chec
         try:
             serializer_schema(processor.parameters_serializer())
         except Exception as exc:  # noqa: BLE001 - any failure here means the processor is broken
-            errors.append(checks.Error(f"dataset {name!r} cannot describe its parameters: {exc}", id="jobs.E002"))
+            errors.append(checks.Error(f"dataset {name!r} cannot describe its parameters: {exc}", id="jobs.E005"))
     return errors
 
 

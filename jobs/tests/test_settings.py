@@ -225,3 +225,58 @@ def test_sqlite_takes_the_write_lock_when_a_transaction_starts() -> None:
         other.execute("ROLLBACK")
     finally:
         other.close()
+
+
+def _serve_and_get(tmp_path: Path, path: str, **values: str | None) -> tuple[int, str]:
+    """Start `manage.py runserver` as `make run` would, GET `path` without following redirects."""
+    import http.client
+    import socket
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, MANAGE, "runserver", "--noreload", f"127.0.0.1:{port}"],
+        env=environment(tmp_path, **values),
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                connection.request("GET", path)
+                answer = connection.getresponse()
+                return answer.status, answer.getheader("Location") or ""
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_runserver_with_the_env_file_make_run_writes_serves_plain_http(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    done = subprocess.run(
+        [sys.executable, str(BASE_DIR / "scripts" / "local_env.py"), str(env_file)], capture_output=True, text=True
+    )
+    assert done.returncode == 0 and "SECRET_KEY" in env_file.read_text()
+    assert "SECURE_SSL_REDIRECT=false" in env_file.read_text()
+    # Written again: nothing is added twice, the key is kept.
+    before = env_file.read_text()
+    subprocess.run([sys.executable, str(BASE_DIR / "scripts" / "local_env.py"), str(env_file)], check=True)
+    assert env_file.read_text() == before
+    status, _ = _serve_and_get(
+        tmp_path, "/jobs", ENV_FILE=str(env_file), SECRET_KEY=None, SECURE_SSL_REDIRECT=None, DEBUG=None
+    )
+    assert status == 401  # the API itself answered, over plain HTTP
+
+
+def test_production_settings_keep_redirecting_to_https(tmp_path: Path) -> None:
+    status, location = _serve_and_get(tmp_path, "/jobs", SECURE_SSL_REDIRECT=None, DEBUG=None)
+    assert status == 301 and location.startswith("https://")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from jobs.conf import problems
 from jobs.scheduler.engine import Engine
 
 
@@ -26,10 +28,16 @@ class Command(BaseCommand):
         parser.add_argument("--max-sleep", type=float, help="Longest sleep between passes.")
 
     def handle(self, *args: Any, **options: Any) -> None:
+        # One line naming the setting, exit status 2, before anything starts.
+        for problem in problems():
+            raise CommandError(problem, returncode=2)
         self.check(tags=["jobs", "models"])
         for name in ("max_concurrent", "heartbeat", "lost_after", "grace", "max_sleep"):
-            if options[name] is not None and options[name] <= 0:
-                raise CommandError(f"--{name.replace('_', '-')} must be positive")
+            value = options[name]
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise CommandError(
+                    f"--{name.replace('_', '-')} must be a finite number above 0, not {value}", returncode=2
+                )
         engine = Engine(
             max_concurrent=options["max_concurrent"],
             heartbeat_seconds=options["heartbeat"],
@@ -42,7 +50,8 @@ class Command(BaseCommand):
             # younger than half of the lost-after time.
             raise CommandError(
                 f"--heartbeat ({engine.heartbeat_seconds:g}s) must be at most half of --lost-after "
-                f"({engine.lost_after:g}s); set HEARTBEAT_SECONDS and LOST_AFTER_SECONDS in JOBS to match"
+                f"({engine.lost_after:g}s); set HEARTBEAT_SECONDS and LOST_AFTER_SECONDS in JOBS to match",
+                returncode=2,
             )
         if options["once"]:
             try:
