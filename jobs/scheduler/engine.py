@@ -44,6 +44,11 @@ GATHER_SECONDS = 0.001
 WATCH_SECONDS = 0.5
 
 
+def _noted_by_the_wakeup_fd(signum: int, frame: Any) -> None:
+    """A signal handler that takes no lock: the wake-up fd carries the signal (see
+    Engine.install_signal_handlers)."""
+
+
 @dataclass
 class _Inflight:
     run: Any
@@ -242,8 +247,25 @@ class Engine:
         self._wake.set()
 
     def install_signal_handlers(self) -> None:
+        """Turn SIGTERM and SIGINT into `request_stop()` calls on a thread of their own.
+
+        A Python signal handler runs in the main thread between any two bytecodes, possibly
+        while that thread holds a lock the handler would need too (logging's, the wake-up
+        event's): taking one there can deadlock. So the handlers do nothing, and the signal's
+        number reaches a watcher thread through the interpreter's wake-up pipe, written in C.
+        """
+        read_end, write_end = os.pipe()
+        os.set_blocking(write_end, False)
+        signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda signum, frame: self.request_stop())
+            signal.signal(sig, _noted_by_the_wakeup_fd)
+        threading.Thread(target=self._watch_signals, args=(read_end,), name="scheduler-signals", daemon=True).start()
+
+    def _watch_signals(self, read_end: int) -> None:
+        while True:
+            for signum in os.read(read_end, 64):
+                if signum in (signal.SIGTERM, signal.SIGINT):
+                    self.request_stop()
 
     def run_forever(self) -> int:
         """Run passes until stopped; return the process exit status."""
