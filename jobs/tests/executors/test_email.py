@@ -16,7 +16,7 @@ from django.test import override_settings
 from rest_framework import serializers
 
 from jobs import services
-from jobs.executors import get_executor
+from jobs.executors import ExecutorError, get_executor
 from jobs.models import Job, JobRun
 
 pytestmark = pytest.mark.django_db
@@ -170,19 +170,25 @@ def test_templates_cannot_reach_the_database_or_template_files(smtp: Mailbox, ma
     assert Job.objects.filter(pk=run.job_id).exists()
 
 
-def test_an_unreachable_smtp_server_fails_the_run(make_run: MakeRun) -> None:
+def test_an_unreachable_smtp_server_fails_the_run_as_an_ordinary_failure(make_run: MakeRun) -> None:
     run = make_run("email_notification", {"recipient": "ann@example.com", "subject": "Hi"})
+    port = free_port()
 
     with (
         override_settings(
             EMAIL_BACKEND="django.core.mail.backends.smtp.EmailBackend",
             EMAIL_HOST="127.0.0.1",
-            EMAIL_PORT=free_port(),
+            EMAIL_PORT=port,
             EMAIL_TIMEOUT=2,
         ),
-        pytest.raises(ConnectionRefusedError),
+        pytest.raises(ExecutorError) as failed,
     ):
         get_executor("email_notification").execute(run)
+
+    # Nothing can have been delivered: not an OutcomeUnknown, so a retry is allowed.
+    assert type(failed.value) is ExecutorError
+    assert f"127.0.0.1:{port}" in str(failed.value) and "nothing was delivered" in str(failed.value)
+    assert isinstance(failed.value.__cause__, ConnectionRefusedError)
 
 
 @pytest.mark.parametrize(
