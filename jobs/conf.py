@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +31,9 @@ DEFAULTS: dict[str, Any] = {
     "ERROR_MAX_CHARS": 8000,
     # Hosts (names or IPs) that http_request jobs may reach even on private addresses.
     "HTTP_ALLOWED_HOSTS": [],
+    # Environment variables and settings that http_request headers may name ({"from_env": NAME}):
+    # only these, or anyone who may create a job could send SECRET_KEY to a URL of theirs.
+    "HTTP_HEADER_SECRETS": [],
     # A PEM file of extra certificate authorities http_request trusts (an internal CA).
     "HTTP_CA_BUNDLE": None,
     "BACKUP_DIR": "backups",
@@ -83,6 +87,14 @@ def _absolute_dirs(value: Any) -> str | None:
     return problem
 
 
+def _names(value: Any) -> str | None:
+    problem = _paths(value)
+    if problem is None:
+        bad = [item for item in value if not re.fullmatch(r"[A-Z_][A-Z0-9_]*", item)]
+        problem = f"{bad[0]!r} is not an environment variable or setting name" if bad else None
+    return problem
+
+
 def _folder(value: Any) -> str | None:
     if not isinstance(value, str | os.PathLike) or not str(value):
         return f"{value!r} is not a folder path"
@@ -118,6 +130,7 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "RESULT_MAX_BYTES": _whole(1024),
     "ERROR_MAX_CHARS": _whole(200),
     "HTTP_ALLOWED_HOSTS": _anything,
+    "HTTP_HEADER_SECRETS": _names,
     "HTTP_CA_BUNDLE": _ca_bundle,
     "BACKUP_DIR": _folder,
     "EXPORT_DIR": _folder,

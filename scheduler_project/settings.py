@@ -197,6 +197,7 @@ JOBS: dict[str, Any] = {
     "RUN_RETENTION_DAYS": env_int("RUN_RETENTION_DAYS", 30, minimum=1),
     "RUN_RETENTION_PER_JOB": env_int("RUN_RETENTION_PER_JOB", 1000, minimum=1),
     "HTTP_ALLOWED_HOSTS": env_list("HTTP_ALLOWED_HOSTS", []),
+    "HTTP_HEADER_SECRETS": env_list("HTTP_HEADER_SECRETS", []),
     "HTTP_CA_BUNDLE": env_str("HTTP_CA_BUNDLE", "") or None,
     "BACKUP_DIR": env_str("BACKUP_DIR", str(BASE_DIR / "backups")),
     "EXPORT_DIR": env_str("EXPORT_DIR", str(BASE_DIR / "exports")),

@@ -1,8 +1,8 @@
 """http_request against a real local HTTP(S) server, and its address guard.
 
-No test here may send a packet beyond loopback, even if the guard under test were broken: an
-autouse fixture fails the test on any connection to a non-loopback address, and host names
-resolve only through a fake table (DNS cannot run here).
+No test here may send a packet beyond loopback, even if the guard under test were broken: the
+`loopback_only` fixture (conftest) fails the test on any connection to a non-loopback address,
+and host names resolve only through a fake table (DNS cannot run here).
 """
 
 from __future__ import annotations
@@ -27,107 +27,18 @@ import pytest
 from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
-from django.test import override_settings
 from rest_framework import serializers
 
 from jobs import services
 from jobs.executors import get_executor
 from jobs.executors.http_request import BlockedAddress, HttpRequestError, address_refusal
 from jobs.models import Job, JobRun
+from jobs.scheduler import runner
+from jobs.tests.executors.conftest import FakeDNS, allow, jobs_settings
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("loopback_only", "dns")]
 
 MakeRun = Callable[..., JobRun]
-
-
-# --- the network guard -------------------------------------------------------------------------
-
-
-class NonLoopbackConnection(BaseException):
-    """Raised (past every `except Exception`) when code under test tries to leave loopback."""
-
-
-def _loopback(host: Any) -> bool:
-    if not isinstance(host, str):
-        return False
-    try:
-        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
-    except ValueError:
-        return False
-
-
-@pytest.fixture(autouse=True)
-def loopback_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
-    """Fail the test on any TCP/UDP connection to a non-loopback address; nothing is sent."""
-    violations: list[Any] = []
-    real_connect = socket.socket.connect
-    real_connect_ex = socket.socket.connect_ex
-    real_create_connection = socket.create_connection
-
-    def check(address: Any) -> None:
-        if isinstance(address, tuple) and not _loopback(address[0]):
-            violations.append(address)
-            raise NonLoopbackConnection(f"connection to {address!r} attempted; only loopback is allowed")
-
-    def connect(self: socket.socket, address: Any) -> None:
-        check(address)
-        return real_connect(self, address)
-
-    def connect_ex(self: socket.socket, address: Any) -> int:
-        check(address)
-        return real_connect_ex(self, address)
-
-    def create_connection(address: Any, *args: Any, **kwargs: Any) -> socket.socket:
-        if address[0] != "localhost":
-            check(address)
-        return real_create_connection(address, *args, **kwargs)
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
-    monkeypatch.setattr(socket, "create_connection", create_connection)
-    yield violations
-    assert violations == [], f"non-loopback connections were attempted: {violations}"
-
-
-@dataclass
-class FakeDNS:
-    """Host names the tests resolve, instead of DNS; literal addresses resolve as usual."""
-
-    answers: dict[str, Callable[[], list[str]]]
-    lookups: dict[str, int]
-
-    def add(self, host: str, *addresses: str) -> None:
-        self.answers[host] = lambda: list(addresses)
-
-
-@pytest.fixture(autouse=True)
-def dns(monkeypatch: pytest.MonkeyPatch) -> FakeDNS:
-    fake = FakeDNS({}, {})
-    real = socket.getaddrinfo
-
-    def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> list[Any]:
-        name = host.decode() if isinstance(host, bytes) else str(host)
-        if name in fake.answers:
-            fake.lookups[name] = fake.lookups.get(name, 0) + 1
-            port_number = int(port or 0)
-            return [
-                (socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (ip, port_number, 0, 0))
-                if ":" in ip
-                else (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (ip, port_number))
-                for ip in fake.answers[name]()
-            ]
-        try:
-            ipaddress.ip_address(name)
-        except ValueError:
-            raise socket.gaierror(socket.EAI_NONAME, f"no DNS in tests for {name!r}") from None
-        return real(host, port, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    return fake
-
-
-def allow(*hosts: str) -> override_settings:
-    return override_settings(JOBS={**settings.JOBS, "HTTP_ALLOWED_HOSTS": list(hosts)})
 
 
 # --- a real local server -----------------------------------------------------------------------
@@ -156,6 +67,9 @@ class Handler(BaseHTTPRequestHandler):
         elif parts.path == "/slow":
             self.server.release.wait(5)
             self.reply(200, b"late")
+        elif parts.path == "/echo-headers":
+            echo = json.dumps(dict(self.headers.items())).encode()
+            self.reply(int(query.get("status", "200")), echo, "application/json")
         elif parts.path == "/big":
             self.reply(200, b"x" * 10_000, "text/plain; charset=utf-8")
         elif parts.path == "/redirect":
@@ -653,3 +567,163 @@ def test_a_5xx_answer_is_retried_by_the_scheduler_with_the_same_idempotency_key(
     assert [(outcome.run.attempt, outcome.status) for outcome in second] == [(2, "failed")]
     keys = [seen.headers["Idempotency-Key"] for seen in local.seen]
     assert len(keys) == 2 and keys[0] == keys[1]
+
+
+# --- header values read on the scheduler, never stored in the job ------------------------------
+
+SECRET = "s3cret-token-4711"
+
+
+@pytest.mark.parametrize(
+    ("source", "set_it"),
+    [
+        ({"from_env": "ACME_TOKEN"}, lambda monkeypatch: monkeypatch.setenv("ACME_TOKEN", f" {SECRET}\n")),
+        (
+            {"from_setting": "ACME_TOKEN"},
+            lambda monkeypatch: monkeypatch.setattr(settings, "ACME_TOKEN", SECRET, raising=False),
+        ),
+    ],
+    ids=["environment", "setting"],
+)
+def test_a_header_value_read_on_the_scheduler_is_sent_but_never_stored_or_recorded(
+    local: LocalServer, make_run: MakeRun, monkeypatch: pytest.MonkeyPatch, source: dict[str, str], set_it: Any
+) -> None:
+    set_it(monkeypatch)
+    with jobs_settings(HTTP_ALLOWED_HOSTS=["127.0.0.1"], HTTP_HEADER_SECRETS=["ACME_TOKEN"]):
+        run = make_run(
+            "http_request",
+            {"url": local.url("/echo-headers"), "headers": {"Authorization": {**source, "prefix": "Bearer "}}},
+        )
+        outcome = runner.execute(run)
+
+    assert outcome.status == "succeeded"
+    assert local.seen[0].headers["Authorization"] == f"Bearer {SECRET}"
+    assert SECRET not in json.dumps(Job.objects.get(pk=run.job_id).parameters)
+    # The receiver echoed the headers back; the recorded body does not repeat the secret.
+    assert SECRET not in json.dumps(outcome.result)
+    assert json.loads(outcome.result["body"])["Authorization"] == "Bearer [redacted]"
+
+
+def test_a_header_read_on_the_scheduler_is_not_sent_to_another_origin(
+    local: LocalServer, make_run: MakeRun, dns: FakeDNS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dns.add("other.test", "127.0.0.1")
+    monkeypatch.setenv("ACME_TOKEN", SECRET)
+    with jobs_settings(HTTP_ALLOWED_HOSTS=["127.0.0.1", "other.test"], HTTP_HEADER_SECRETS=["ACME_TOKEN"]):
+        run = make_run(
+            "http_request",
+            {
+                "method": "GET",
+                "url": redirect(local, redirect(local, local.url("/other", host="other.test"))),
+                "headers": {"X-Api-Key": {"from_env": "ACME_TOKEN"}, "X-Plain": "kept"},
+            },
+        )
+        assert runner.execute(run).status == "succeeded"
+
+    same_origin, other_origin = local.seen[1], local.seen[2]
+    assert same_origin.headers["X-Api-Key"] == SECRET
+    assert other_origin.headers["X-Api-Key"] is None
+    assert other_origin.headers["X-Plain"] == "kept"
+
+
+def test_a_secret_echoed_into_a_failure_is_not_recorded(
+    local: LocalServer, make_run: MakeRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ACME_TOKEN", SECRET)
+    with jobs_settings(HTTP_ALLOWED_HOSTS=["127.0.0.1"], HTTP_HEADER_SECRETS=["ACME_TOKEN"]):
+        run = make_run(
+            "http_request",
+            {"url": local.url("/echo-headers?status=500"), "headers": {"X-Token": {"from_env": "ACME_TOKEN"}}},
+        )
+        outcome = runner.execute(run)
+
+    assert outcome.status == "failed"
+    assert "answered 500" in outcome.error
+    assert SECRET not in outcome.error
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (None, "the environment variable ACME_TOKEN is not set on this scheduler"),
+        ("   ", "the environment variable ACME_TOKEN is empty"),
+        (
+            f"{SECRET}\r\nX-Evil: 1",
+            "the environment variable ACME_TOKEN holds a line break or a character outside Latin-1",
+        ),
+        (f"{SECRET}\u2603", "the environment variable ACME_TOKEN holds a line break or a character outside Latin-1"),
+    ],
+    ids=["missing", "empty", "line break", "not Latin-1"],
+)
+def test_a_missing_or_unsendable_secret_fails_the_run_naming_it_and_sends_nothing(
+    local: LocalServer,
+    make_run: MakeRun,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    value: str | None,
+    message: str,
+) -> None:
+    with jobs_settings(HTTP_ALLOWED_HOSTS=["127.0.0.1"], HTTP_HEADER_SECRETS=["ACME_TOKEN"]):
+        # Saving needs only the name: the scheduler may run elsewhere, with its own environment.
+        run = make_run("http_request", {"url": local.url(), "headers": {"X-Token": {"from_env": "ACME_TOKEN"}}})
+        if value is not None:
+            monkeypatch.setenv("ACME_TOKEN", value)
+        outcome = runner.execute(run)
+
+    assert outcome.status == "failed"
+    assert f"HttpRequestError: header X-Token: {message}" in outcome.error
+    assert SECRET not in outcome.error
+    assert SECRET not in caplog.text
+    assert local.seen == []
+
+
+def test_a_name_taken_off_the_list_after_saving_is_not_read(
+    local: LocalServer, make_run: MakeRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ACME_TOKEN", SECRET)
+    with jobs_settings(HTTP_HEADER_SECRETS=["ACME_TOKEN"]):
+        run = make_run("http_request", {"url": local.url(), "headers": {"X-Token": {"from_env": "ACME_TOKEN"}}})
+
+    outcome = runner.execute(run)
+
+    assert outcome.status == "failed"
+    assert "ACME_TOKEN may not be read" in outcome.error
+    assert local.seen == []
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ({"from_env": "acme_token"}, "must be a name of capital letters, digits and underscores"),
+        ({"from_env": "1TOKEN"}, "must be a name of capital letters"),
+        ({"from_env": "SECRET_KEY"}, "SECRET_KEY may not be read: list it in JOBS['HTTP_HEADER_SECRETS']"),
+        ({"from_setting": "DATABASES"}, "DATABASES may not be read"),
+        ({"from_env": "ACME_TOKEN", "from_setting": "ACME_TOKEN"}, "exactly one of from_env and from_setting"),
+        ({"prefix": "Bearer "}, "exactly one of from_env and from_setting"),
+        ({"from_env": "ACME_TOKEN", "default": "x"}, "unknown key 'default'"),
+        ({"from_env": "ACME_TOKEN", "prefix": "Bearer\r\n"}, "prefix must not contain line breaks"),
+        ({"from_env": "ACME_TOKEN", "prefix": 7}, "prefix must be text"),
+        (["ACME_TOKEN"], "must be text, or an object"),
+        ("Bearer \u2603", "must be Latin-1 text"),
+    ],
+)
+def test_bad_header_values_are_refused_at_create_time(value: Any, message: str) -> None:
+    with (
+        jobs_settings(HTTP_HEADER_SECRETS=["ACME_TOKEN"]),
+        pytest.raises(serializers.ValidationError) as refused,
+    ):
+        get_executor("http_request").validate_parameters(
+            {"url": "https://hooks.example.com/x", "headers": {"X-Token": value}}
+        )
+
+    detail = refused.value.detail
+    assert isinstance(detail, dict)
+    assert message in str(detail["headers"])
+
+
+def test_plain_header_values_are_kept_as_text() -> None:
+    cleaned = get_executor("http_request").validate_parameters(
+        {"url": "https://hooks.example.com/x", "headers": {"X-Count": 5, "X-Name": "  café  "}}
+    )
+
+    assert cleaned["headers"] == {"X-Count": "5", "X-Name": "café"}

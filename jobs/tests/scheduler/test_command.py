@@ -52,6 +52,7 @@ def test_bad_options_stop_it_before_it_registers(db: None, args: list[str], mess
         ({"RUN_RETENTION_DAYS": 1.5}, "JOBS['RUN_RETENTION_DAYS']: 1.5 is not a whole number"),
         ({"RESULT_MAX_BYTES": 10}, "JOBS['RESULT_MAX_BYTES']: 10 is below the minimum of 1024"),
         ({"EXECUTORS": "a.b.C"}, "JOBS['EXECUTORS']: must be a list"),
+        ({"HTTP_HEADER_SECRETS": ["db password"]}, "JOBS['HTTP_HEADER_SECRETS']: 'db password' is not an environment"),
         ({"ALLOWED_OUTPUT_DIRS": ["relative/dir"]}, "JOBS['ALLOWED_OUTPUT_DIRS']: 'relative/dir' is not an absolute"),
         ({"HTTP_CA_BUNDLE": "/nonexistent/ca.pem"}, "JOBS['HTTP_CA_BUNDLE']: '/nonexistent/ca.pem' is not a readable"),
         ({"HEARTBEAT_SECONDS": 20.0}, "JOBS['HEARTBEAT_SECONDS'] (20s) must be at most half of"),
