@@ -1,7 +1,9 @@
 """Prometheus metrics for /metrics, read from the database at scrape time.
 
 Schedulers run in their own processes (often on other machines), so the web process reports
-what the shared database knows rather than in-memory counters of one process.
+what the shared database knows rather than in-memory counters of one process. Everything read
+from the retained run history is a gauge, never a counter: pruning deletes old runs, and a
+counter must never go down.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from datetime import datetime, timedelta
 
 from django.db.models import Count, F
 from django.utils import timezone
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.registry import Collector
 
 from .conf import get
@@ -38,8 +42,10 @@ class SchedulerCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         now = self.now or timezone.now()
-        runs = CounterMetricFamily(
-            "scheduler_runs", "Runs in the retained history, by job type and status.", labels=["job_type", "status"]
+        runs = GaugeMetricFamily(
+            "scheduler_runs_retained",
+            "Runs in the retained history, by job type and status; drops when old runs are pruned.",
+            labels=["job_type", "status"],
         )
         for row in JobRun.objects.values("job__job_type", "status").annotate(total=Count("id")).order_by():
             runs.add_metric([row["job__job_type"], row["status"]], row["total"])
@@ -81,10 +87,18 @@ class SchedulerCollector(Collector):
         yield alive
 
 
-def render(now: datetime | None = None) -> tuple[bytes, str]:
-    """Return the metrics page and its content type."""
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+def registry(now: datetime | None = None) -> CollectorRegistry:
+    """Return a registry that reads the metrics from the database when rendered."""
+    result = CollectorRegistry(auto_describe=False)
+    result.register(SchedulerCollector(now))
+    return result
 
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(SchedulerCollector(now))
-    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+def render_text(metrics: CollectorRegistry) -> bytes:
+    """Render in the Prometheus text format 0.0.4."""
+    return generate_latest(metrics)
+
+
+def render_openmetrics(metrics: CollectorRegistry) -> bytes:
+    """Render in OpenMetrics 1.0.0."""
+    return generate_openmetrics(metrics)

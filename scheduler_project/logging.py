@@ -26,3 +26,14 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             payload["traceback"] = self.formatException(record.exc_info)
         return json.dumps(payload, default=str)
+
+
+class ClientError(logging.Filter):
+    """Log what a client caused (a bad Host header) as one warning line, without a traceback:
+    anyone can send such requests, and each must not write a traceback at ERROR."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info = None
+        record.exc_text = None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True

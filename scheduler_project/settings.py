@@ -157,8 +157,8 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["jobs.api.permissions.ModelPermissions"],
     "DEFAULT_PARSER_CLASSES": [
         "jobs.api.parsers.JSONParser",
-        "rest_framework.parsers.FormParser",
-        "rest_framework.parsers.MultiPartParser",
+        "jobs.api.parsers.FormParser",
+        "jobs.api.parsers.MultiPartParser",
     ],
     "DEFAULT_PAGINATION_CLASS": "jobs.api.pagination.Pagination",
     "DEFAULT_FILTER_BACKENDS": [
@@ -166,7 +166,7 @@ REST_FRAMEWORK = {
         "jobs.api.filters.OrderingFilter",
         "jobs.api.filters.SearchFilter",
     ],
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "jobs.api.schema.AutoSchema",
     "DEFAULT_THROTTLE_RATES": {"run_now": env_parsed("RUN_NOW_THROTTLE", "30/minute", throttle_rate, "rate")},
     "EXCEPTION_HANDLER": "jobs.api.errors.exception_handler",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
@@ -213,9 +213,17 @@ LOGGING = {
         "text": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
         "json": {"()": "scheduler_project.logging.JsonFormatter"},
     },
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT}},
+    "filters": {"client_error": {"()": "scheduler_project.logging.ClientError"}},
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT},
+        "client_errors": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT, "filters": ["client_error"]},
+    },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
-    "loggers": {"django.db.backends": {"level": "INFO"}},
+    "loggers": {
+        "django.db.backends": {"level": "INFO"},
+        # A request with a bad Host header is the client's error: one warning line, no traceback.
+        "django.security.DisallowedHost": {"handlers": ["client_errors"], "propagate": False},
+    },
 }
 
 # Production hardening; `manage.py check --deploy` is clean when DEBUG is false.

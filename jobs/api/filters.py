@@ -1,5 +1,6 @@
 """Query-string filters for the job and run lists."""
 
+from datetime import UTC
 from typing import Any
 
 import django_filters
@@ -46,14 +47,31 @@ class BooleanFilter(django_filters.BooleanFilter):
     field_class = StrictBooleanField
 
 
+class UtcIsoDateTimeField(django_filters.fields.IsoDateTimeField):
+    """An ISO 8601 instant in UTC: PostgreSQL refuses offsets past 15:59, which Python accepts."""
+
+    def to_python(self, value: Any) -> Any:
+        result = super().to_python(value)
+        if result is None:
+            return None
+        try:
+            return result.astimezone(UTC)
+        except OverflowError as exc:
+            raise forms.ValidationError("is out of range", code="invalid") from exc
+
+
+class IsoDateTimeFilter(django_filters.IsoDateTimeFilter):
+    field_class = UtcIsoDateTimeField
+
+
 class JobFilter(django_filters.FilterSet):
     job_type = django_filters.CharFilter(help_text="Only jobs of this type.")
     enabled = BooleanFilter(help_text="true or false.")
     last_run_status = django_filters.ChoiceFilter(choices=JobRun.Status.choices)
-    next_run_after = django_filters.IsoDateTimeFilter(field_name="next_run_at", lookup_expr="gte")
-    next_run_before = django_filters.IsoDateTimeFilter(field_name="next_run_at", lookup_expr="lt")
-    created_after = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
-    created_before = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
+    next_run_after = IsoDateTimeFilter(field_name="next_run_at", lookup_expr="gte")
+    next_run_before = IsoDateTimeFilter(field_name="next_run_at", lookup_expr="lt")
+    created_after = IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
+    created_before = IsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
 
     class Meta:
         model = Job
@@ -65,10 +83,10 @@ class JobRunFilter(django_filters.FilterSet):
     job_type = django_filters.CharFilter(field_name="job__job_type")
     status = django_filters.MultipleChoiceFilter(choices=JobRun.Status.choices)
     trigger = django_filters.ChoiceFilter(choices=JobRun.Trigger.choices)
-    scheduled_after = django_filters.IsoDateTimeFilter(field_name="scheduled_for", lookup_expr="gte")
-    scheduled_before = django_filters.IsoDateTimeFilter(field_name="scheduled_for", lookup_expr="lt")
-    started_after = django_filters.IsoDateTimeFilter(field_name="started_at", lookup_expr="gte")
-    started_before = django_filters.IsoDateTimeFilter(field_name="started_at", lookup_expr="lt")
+    scheduled_after = IsoDateTimeFilter(field_name="scheduled_for", lookup_expr="gte")
+    scheduled_before = IsoDateTimeFilter(field_name="scheduled_for", lookup_expr="lt")
+    started_after = IsoDateTimeFilter(field_name="started_at", lookup_expr="gte")
+    started_before = IsoDateTimeFilter(field_name="started_at", lookup_expr="lt")
 
     class Meta:
         model = JobRun

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, cast
 
-from django.http import HttpResponse
+from django.http import Http404
 from django.shortcuts import get_object_or_404
 from django.utils import timezone
 from django_filters.rest_framework import DjangoFilterBackend
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
+from drf_spectacular.views import SpectacularRedocView, SpectacularSwaggerView
+from prometheus_client import CollectorRegistry
 from rest_framework import status, viewsets
 from rest_framework.decorators import action
+from rest_framework.negotiation import BaseContentNegotiation
+from rest_framework.parsers import BaseParser
 from rest_framework.permissions import AllowAny
+from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.serializers import BaseSerializer
@@ -25,6 +32,7 @@ from jobs.health import health_report
 from jobs.models import Job, JobRun
 
 from .filters import JobFilter, JobRunFilter, OrderingFilter
+from .schema import JOB_CREATE_EXAMPLES, JOB_REQUEST_EXAMPLES
 from .serializers import (
     CronPreviewQuerySerializer,
     CronPreviewSerializer,
@@ -52,6 +60,10 @@ class RunNowThrottle(ScopedRateThrottle):
         return cast("dict[str, str | None]", api_settings.DEFAULT_THROTTLE_RATES)
 
 
+@extend_schema_view(
+    create=extend_schema(examples=JOB_CREATE_EXAMPLES),
+    update=extend_schema(examples=JOB_REQUEST_EXAMPLES),
+)
 class JobViewSet(viewsets.ModelViewSet):
     """Jobs: create, list, read, change and delete; run now, pause and resume."""
 
@@ -186,12 +198,116 @@ class HealthView(APIView):
         return Response(report, status=200 if report["status"] == "ok" else 503)
 
 
+class PrometheusTextRenderer(BaseRenderer):
+    """The Prometheus text format 0.0.4, which every Prometheus-compatible scraper reads."""
+
+    media_type = "text/plain; version=0.0.4"
+    format = "prometheus"
+    charset = "utf-8"
+
+    def render(self, data: Any, accepted_media_type: str | None = None, renderer_context: Any = None) -> bytes:
+        return metrics.render_text(data)
+
+
+class OpenMetricsRenderer(BaseRenderer):
+    """OpenMetrics 1.0.0, for scrapers that ask for it."""
+
+    media_type = "application/openmetrics-text; version=1.0.0"
+    format = "openmetrics"
+    charset = "utf-8"
+
+    def render(self, data: Any, accepted_media_type: str | None = None, renderer_context: Any = None) -> bytes:
+        return metrics.render_openmetrics(data)
+
+
+class MetricsNegotiation(BaseContentNegotiation):
+    """Prefer what the Accept header prefers (q-values included); answer the text format otherwise.
+
+    An exporter answers whatever a scraper accepts rather than 406, as prometheus_client does;
+    DRF's own negotiation ignores q-values, so it would answer Prometheus 3 in a format it ranks last.
+    `?format=openmetrics` or `?format=prometheus` choose as in the rest of the API.
+    """
+
+    def select_parser(self, request: Request, parsers: Iterable[BaseParser]) -> BaseParser | None:
+        return None  # GET only: there is no body to parse
+
+    def select_renderer(
+        self, request: Request, renderers: Iterable[BaseRenderer], format_suffix: str | None = None
+    ) -> tuple[BaseRenderer, str]:
+        by_type = {renderer.media_type: renderer for renderer in renderers}
+        override = api_settings.URL_FORMAT_OVERRIDE
+        chosen = format_suffix or (request.query_params.get(override) if override else None)
+        if chosen:
+            for renderer in by_type.values():
+                if renderer.format == chosen:
+                    return renderer, renderer.media_type
+            raise Http404(f"No metrics format {chosen!r}.")
+        # The text format is listed first, so that */* and a missing Accept header choose it.
+        preferred = request._request.get_preferred_type(list(by_type)) or next(iter(by_type))
+        return by_type[preferred], preferred
+
+
 class MetricsView(APIView):
     """Prometheus metrics: runs by type and status, durations, start lateness, queue depth."""
 
     queryset = JobRun.objects.none()  # needs the view_jobrun permission
+    renderer_classes = [PrometheusTextRenderer, OpenMetricsRenderer]
+    content_negotiation_class = MetricsNegotiation
 
-    @extend_schema(responses={(200, "text/plain"): str}, summary="Prometheus metrics")
-    def get(self, request: Request) -> HttpResponse:
-        body, content_type = metrics.render()
-        return HttpResponse(body, content_type=content_type)
+    @extend_schema(
+        summary="Prometheus metrics",
+        description=(
+            "The Prometheus text format 0.0.4, or OpenMetrics 1.0.0 when the Accept header prefers "
+            "`application/openmetrics-text`; any other Accept header gets the text format."
+        ),
+        responses={
+            (200, PrometheusTextRenderer.media_type): OpenApiTypes.STR,
+            (200, OpenMetricsRenderer.media_type): OpenApiTypes.STR,
+        },
+    )
+    def get(self, request: Request) -> Response:
+        return Response(metrics.registry())
+
+    def finalize_response(self, request: Request, response: Response, *args: Any, **kwargs: Any) -> Response:
+        if not isinstance(getattr(response, "data", None), CollectorRegistry):
+            # Errors (and OPTIONS) answer JSON like the rest of the API, whatever the Accept header.
+            request.accepted_renderer, request.accepted_media_type = JSONRenderer(), JSONRenderer.media_type
+        return super().finalize_response(request, response, *args, **kwargs)
+
+
+# The docs pages load only what this server serves. The bundled ReDoc still asks cdn.redoc.ly for
+# a logo, which this policy makes the browser refuse before any request leaves, as it would refuse
+# any other outside address a future bundle might add. The pages' own inline scripts and styles,
+# ReDoc's search worker (a blob: URL) and Swagger UI's data: icons are allowed.
+DOCS_CONTENT_SECURITY_POLICY = "; ".join(
+    [
+        "default-src 'self'",
+        "script-src 'self' 'unsafe-inline'",
+        "style-src 'self' 'unsafe-inline'",
+        "img-src 'self' data:",
+        "font-src 'self' data:",
+        "worker-src 'self' blob:",
+        "connect-src 'self'",
+        "object-src 'none'",
+        "base-uri 'none'",
+    ]
+)
+
+
+class OfflineDocsView(APIView):
+    """Add the docs' content security policy to whatever the docs view answers."""
+
+    def finalize_response(self, request: Request, response: Response, *args: Any, **kwargs: Any) -> Response:
+        response = super().finalize_response(request, response, *args, **kwargs)
+        response["Content-Security-Policy"] = DOCS_CONTENT_SECURITY_POLICY
+        return response
+
+
+class SwaggerView(OfflineDocsView, SpectacularSwaggerView):
+    """Swagger UI from the bundled assets, loading nothing from other hosts."""
+
+
+class RedocView(OfflineDocsView, SpectacularRedocView):
+    """ReDoc from the bundled assets (without its web fonts), loading nothing from other hosts."""
+
+    template_name = "api/redoc.html"

@@ -1,21 +1,42 @@
-"""/metrics: Prometheus text built from the shared database."""
+"""/metrics: Prometheus text built from the shared database, in any format a scraper asks for."""
 
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
+import pytest
 from django.utils import timezone
-from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+from prometheus_client.parser import text_string_to_metric_families as parse_text
+from rest_framework.test import APIClient
 
 from jobs import services
 from jobs.models import JobRun, SchedulerProcess
 
+pytestmark = pytest.mark.django_db
 
-def _families(response):
-    return {family.name: family for family in text_string_to_metric_families(response.content.decode())}
+TEXT = "text/plain; version=0.0.4; charset=utf-8"
+OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+PROMETHEUS_DEFAULT_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
+    "text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
+# What Prometheus 3 sends by default.
+PROMETHEUS_3_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,"
+    "application/openmetrics-text;version=0.0.1;q=0.5,text/plain;version=1.0.0;escaping=allow-utf-8;q=0.4,"
+    "text/plain;version=0.0.4;q=0.3,*/*;q=0.2"
+)
 
 
-def test_metrics_report_runs_durations_lateness_and_queue(api):
+def _families(response: Any) -> dict[str, Any]:
+    text = response.content.decode()
+    parse = parse_openmetrics if response["Content-Type"].startswith("application/openmetrics-text") else parse_text
+    return {family.name: family for family in parse(text)}
+
+
+def test_metrics_report_runs_durations_lateness_and_queue(api: APIClient) -> None:
     now = timezone.now()
     job = services.job_create(name="m", cron_expression="0 0 1 1 *", job_type="test_noop")
     started = now - timedelta(seconds=10)
@@ -32,9 +53,11 @@ def test_metrics_report_runs_durations_lateness_and_queue(api):
 
     response = api.get("/metrics")
     assert response.status_code == 200
-    assert response["Content-Type"].startswith("text/plain")
+    assert response["Content-Type"] == TEXT
     families = _families(response)
-    runs = {(s.labels["job_type"], s.labels["status"]): s.value for s in families["scheduler_runs"].samples}
+    retained = families["scheduler_runs_retained"]
+    assert retained.type == "gauge"
+    runs = {(s.labels["job_type"], s.labels["status"]): s.value for s in retained.samples}
     assert runs[("test_noop", "succeeded")] == 1 and runs[("test_noop", "queued")] == 1
     duration = {
         s.labels.get("le"): s.value
@@ -52,5 +75,104 @@ def test_metrics_report_runs_durations_lateness_and_queue(api):
     assert families["scheduler_processes_alive"].samples[0].value == 1
 
 
-def test_metrics_need_authentication(client, db):
-    assert client.get("/metrics").status_code == 401
+@pytest.mark.parametrize(
+    ("accept", "content_type"),
+    [
+        (None, TEXT),
+        ("*/*", TEXT),
+        ("text/plain", TEXT),
+        ("text/plain;version=0.0.4", TEXT),
+        ("text/plain; version=0.0.4; charset=utf-8", TEXT),
+        ("text/*", TEXT),
+        ("application/openmetrics-text;version=1.0.0", OPENMETRICS),
+        ("application/openmetrics-text", OPENMETRICS),
+        (PROMETHEUS_DEFAULT_ACCEPT, OPENMETRICS),
+        (PROMETHEUS_3_ACCEPT, TEXT),
+        ("application/json", TEXT),
+    ],
+)
+def test_metrics_answer_whatever_a_scraper_accepts(api: APIClient, accept: str | None, content_type: str) -> None:
+    services.job_create(name="m", cron_expression="0 0 1 1 *", job_type="test_noop")
+    headers = {} if accept is None else {"Accept": accept}
+
+    response = api.get("/metrics", headers=headers)
+
+    assert response.status_code == 200, response.content
+    assert response["Content-Type"] == content_type
+    families = _families(response)  # parses in the format announced, or raises
+    assert {"scheduler_runs_retained", "scheduler_queue_depth", "scheduler_jobs"} <= set(families)
+    if content_type == OPENMETRICS:
+        assert response.content.endswith(b"# EOF\n")
+
+
+def test_no_counter_goes_down_when_history_is_pruned(api: APIClient) -> None:
+    now = timezone.now()
+    job = services.job_create(name="m", cron_expression="0 0 1 1 *", job_type="test_noop")
+    for minutes in range(3):
+        when = now - timedelta(minutes=minutes + 1)
+        JobRun.objects.create(
+            job=job, scheduled_for=when, not_before=when, status="succeeded", started_at=when, finished_at=when
+        )
+
+    def counters() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        families = _families(api.get("/metrics", HTTP_ACCEPT="application/openmetrics-text"))
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in families.values()
+            if family.type == "counter"
+            for sample in family.samples
+            if sample.name.endswith("_total")
+        }
+
+    before = counters()
+    JobRun.objects.all().delete()  # what pruning does to old runs
+    after = counters()
+
+    assert {key: value for key, value in after.items() if value < before.get(key, 0)} == {}
+    assert set(before) <= set(after)
+
+
+def test_metric_help_says_what_each_series_counts(api: APIClient) -> None:
+    text = api.get("/metrics").content.decode()
+
+    assert "# TYPE scheduler_runs_retained gauge" in text
+    assert "retained" in next(line for line in text.splitlines() if line.startswith("# HELP scheduler_runs_retained"))
+
+
+@pytest.mark.parametrize("accept", ["text/plain", PROMETHEUS_DEFAULT_ACCEPT, None])
+def test_metrics_need_authentication_and_say_so_in_json(client: Any, accept: str | None) -> None:
+    headers = {} if accept is None else {"Accept": accept}
+
+    response = client.get("/metrics", headers=headers)
+
+    assert response.status_code == 401
+    assert response["Content-Type"] == "application/json"
+    assert response.json() == {"detail": "Authentication credentials were not provided."}
+
+
+def test_metrics_need_the_run_view_permission(user_with_perms: Any) -> None:
+    response = user_with_perms("view_job").get("/metrics", HTTP_ACCEPT="text/plain")
+
+    assert response.status_code == 403
+    assert response["Content-Type"] == "application/json"
+    assert "detail" in response.json()
+
+
+@pytest.mark.parametrize(("query", "content_type"), [("prometheus", TEXT), ("openmetrics", OPENMETRICS)])
+def test_metrics_format_can_be_chosen_in_the_url(api: APIClient, query: str, content_type: str) -> None:
+    # For scrapers that set query parameters more easily than headers.
+    response = api.get("/metrics", {"format": query}, HTTP_ACCEPT="text/plain")
+
+    assert response.status_code == 200
+    assert response["Content-Type"] == content_type
+
+
+def test_metrics_unknown_format_and_options_answer_json(api: APIClient) -> None:
+    unknown = api.get("/metrics", {"format": "xml"})
+    options = api.options("/metrics", HTTP_ACCEPT="text/plain")
+
+    assert unknown.status_code == 404
+    assert unknown.json() == {"detail": "No metrics format 'xml'."}
+    assert options.status_code == 200
+    assert options["Content-Type"] == "application/json"
+    assert options.json()["name"] == "Metrics"

@@ -227,8 +227,11 @@ def test_sqlite_takes_the_write_lock_when_a_transaction_starts() -> None:
         other.close()
 
 
-def _serve_and_get(tmp_path: Path, path: str, **values: str | None) -> tuple[int, str]:
-    """Start `manage.py runserver` as `make run` would, GET `path` without following redirects."""
+def _serve_and_get(
+    tmp_path: Path, path: str, *, headers: dict[str, str] | None = None, **values: str | None
+) -> tuple[int, str, str]:
+    """Start `manage.py runserver` as `make run` would, GET `path` without following redirects;
+    return the status, the Location header and what the server logged."""
     import http.client
     import socket
     import time
@@ -236,28 +239,32 @@ def _serve_and_get(tmp_path: Path, path: str, **values: str | None) -> tuple[int
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, MANAGE, "runserver", "--noreload", f"127.0.0.1:{port}"],
-        env=environment(tmp_path, **values),
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                connection.request("GET", path)
-                answer = connection.getresponse()
-                return answer.status, answer.getheader("Location") or ""
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-    finally:
-        server.terminate()
-        server.wait(10)
+    log = tmp_path / "server.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            [sys.executable, MANAGE, "runserver", "--noreload", f"127.0.0.1:{port}"],
+            env=environment(tmp_path, **values),
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                    connection.request("GET", path, headers=headers or {})
+                    answer = connection.getresponse()
+                    status, location = answer.status, answer.getheader("Location") or ""
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+        finally:
+            server.terminate()
+            server.wait(10)
+    return status, location, log.read_text()
 
 
 def test_runserver_with_the_env_file_make_run_writes_serves_plain_http(tmp_path: Path) -> None:
@@ -271,12 +278,20 @@ def test_runserver_with_the_env_file_make_run_writes_serves_plain_http(tmp_path:
     before = env_file.read_text()
     subprocess.run([sys.executable, str(BASE_DIR / "scripts" / "local_env.py"), str(env_file)], check=True)
     assert env_file.read_text() == before
-    status, _ = _serve_and_get(
+    status, _, _ = _serve_and_get(
         tmp_path, "/jobs", ENV_FILE=str(env_file), SECRET_KEY=None, SECURE_SSL_REDIRECT=None, DEBUG=None
     )
     assert status == 401  # the API itself answered, over plain HTTP
 
 
 def test_production_settings_keep_redirecting_to_https(tmp_path: Path) -> None:
-    status, location = _serve_and_get(tmp_path, "/jobs", SECURE_SSL_REDIRECT=None, DEBUG=None)
+    status, location, _ = _serve_and_get(tmp_path, "/jobs", SECURE_SSL_REDIRECT=None, DEBUG=None)
     assert status == 301 and location.startswith("https://")
+
+
+def test_a_bad_host_header_logs_one_warning_line_without_a_traceback(tmp_path: Path) -> None:
+    status, _, log = _serve_and_get(tmp_path, "/jobs", headers={"Host": "evil.example"})
+    assert status == 400
+    assert "Traceback" not in log
+    lines = [line for line in log.splitlines() if "Invalid HTTP_HOST header" in line]
+    assert len(lines) == 1 and " WARNING " in lines[0], log

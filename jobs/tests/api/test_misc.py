@@ -229,6 +229,7 @@ def test_schema_is_a_valid_openapi_3_document() -> None:
         "/job-types",
         "/cron/preview",
         "/health",
+        "/metrics",
     ]:
         assert path in paths, path
     assert not [path for path in paths if path.endswith("/")]
