@@ -378,6 +378,11 @@ def test_export_retention_keeps_the_newest(make_run: MakeRun, dirs: dict[str, Pa
         ({"model": "auth.Group", "filters": {"user__password": "x"}}, "filters", "secret"),
         ({"time_field": "scheduled_for"}, "window_seconds", "go together"),
         ({"time_field": "status", "window_seconds": 60}, "time_field", "not a date-time field"),
+        ({"time_field": "job", "window_seconds": 60}, "time_field", "not a date-time field"),
+        ({"fields": ["id", "status", "id"]}, "fields", "a column is listed twice"),
+        ({"fields": ["job", "job_id"]}, "fields", "a column is listed twice"),
+        ({"filters": {f"id{number}": 1 for number in range(51)}}, "filters", "at most 50 filters"),
+        ({"filters": {"id": 1.5, "status__in": "failed"}}, "filters", "'status__in': in takes a list of values"),
     ],
 )
 def test_export_parameters_are_checked(parameters: dict[str, Any], field: str, message: str) -> None:
@@ -403,6 +408,37 @@ def test_unknown_dataset_is_refused_with_the_known_ones() -> None:
     [message] = refused.value.errors["parameters"]["dataset"]
     assert message == "unknown dataset 'user_events'; known datasets: database_backup, model_export"
     assert Job.objects.count() == 0
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        ({}, "this field is required"),
+        ({"keep": 3}, "this field is required"),
+        ({"dataset": None}, "this field may not be null"),
+        ({"dataset": ""}, "this field may not be blank"),
+        ({"dataset": ["model_export"]}, "not a valid string"),
+    ],
+)
+def test_a_job_without_a_dataset_is_refused_with_the_known_ones(parameters: dict[str, Any], message: str) -> None:
+    # The seed's "Weekly backup" was saved like this once: the answer must say what to put there.
+    with pytest.raises(services.JobValidationError) as refused:
+        services.job_create(
+            name="Weekly backup", cron_expression="@weekly", job_type="data_processing", parameters=parameters
+        )
+
+    [answer] = refused.value.errors["parameters"]["dataset"]
+    assert answer == f"{message}; known datasets: database_backup, model_export"
+
+
+@pytest.mark.django_db
+def test_a_run_whose_saved_parameters_are_no_longer_valid_fails_with_the_reason(make_run: MakeRun) -> None:
+    run = make_run("data_processing", {"dataset": "database_backup"})
+    run.job.parameters = {"dataset": "database_backup", "keep": 0}
+
+    with pytest.raises(ExecutorError, match="the job's parameters are no longer accepted: keep: .*greater than"):
+        run_processor(run)
 
 
 @pytest.fixture
