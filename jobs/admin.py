@@ -221,6 +221,7 @@ class JobAdmin(admin.ModelAdmin):
 
     class Media:
         css = {"all": ("jobs/admin.css",)}
+        js = ("jobs/job_form.js",)
 
     def get_inlines(self, request: HttpRequest, obj: Job | None) -> tuple[type[admin.options.InlineModelAdmin], ...]:
         return self.inlines if obj is not None else ()

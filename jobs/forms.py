@@ -78,6 +78,7 @@ class JobAdminForm(forms.ModelForm):
     job_type = forms.ChoiceField(help_text=Job._meta.get_field("job_type").help_text)
     parameters = PrettyJSONField(
         required=False,
+        initial=dict,
         widget=forms.Textarea(attrs={"rows": 8, "cols": 60, "class": "vLargeTextField jobs-json"}),
     )
 
@@ -112,6 +113,9 @@ class JobAdminForm(forms.ModelForm):
             # Keep a job whose type was unregistered editable; saving it names the problem.
             choices.append((current, f"{current} (not registered)"))
         cast(forms.ChoiceField, self.fields["job_type"]).choices = [("", "---------"), *choices]
+        # Read by job_form.js: an empty parameters box starts with the chosen type's example.
+        examples = {name: executor.parameters_example for name, executor in executors.items()}
+        self.fields["parameters"].widget.attrs["data-examples"] = json.dumps(examples)
         by_type = "; ".join(_parameters_help(executor) for _, executor in sorted(executors.items()))
         model_help = Job._meta.get_field("parameters").help_text
         self.fields["parameters"].help_text = f"{model_help} A JSON object. Fields by type: {by_type}."

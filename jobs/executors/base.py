@@ -65,6 +65,9 @@ class Executor:
     parameters_serializer: ClassVar[type[serializers.Serializer]] = serializers.Serializer
     # Whether a run lost in a crash may be run again without harm.
     safe_to_repeat: ClassVar[bool] = False
+    # Parameters that validate, shown where a person starts a job of this type (the admin's
+    # form, the API docs' examples, GET /job-types).
+    parameters_example: ClassVar[dict[str, Any]] = {}
 
     def validate_parameters(self, parameters: Any) -> dict[str, Any]:
         """Return cleaned parameters or raise serializers.ValidationError."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import html
 import json
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -658,3 +660,33 @@ def test_a_view_only_user_sees_secrets_masked_and_an_editor_sees_them(make_job: 
     assert "s3cret" in staff_client("view_job", "change_job", username="editor").get(url).content.decode()
     job.refresh_from_db()
     assert job.parameters == parameters  # masking is only what is shown
+
+
+def test_the_parameters_box_starts_empty_with_an_example_for_every_type(admin_client: Client) -> None:
+    from jobs.executors import all_executors
+
+    page = admin_client.get(reverse("admin:jobs_job_add")).content.decode()
+    box = page[page.index('<textarea name="parameters"') :]
+    box = box[: box.index("</textarea>")]
+    assert box.rstrip().endswith("{}")  # not "null"
+    examples = json.loads(html.unescape(re.search(r'data-examples="([^"]*)"', box)[1]))  # type: ignore[index]
+    assert set(examples) == set(all_executors())
+    for name in ("email_notification", "data_processing", "http_request"):
+        assert examples[name], name  # the built-in types show a real example
+    for name, example in examples.items():
+        # Every example is a job a person could save as it is.
+        services.job_clean(cron_expression="0 9 * * *", timezone="UTC", job_type=name, parameters=example)
+
+
+def test_the_admin_checks_what_its_user_may_schedule(make_job: MakeJob) -> None:
+    client = staff_client("add_job", "view_job", "change_job", username="clerk")
+    backup = form_data(job_type="data_processing", parameters=json.dumps({"dataset": "database_backup"}))
+    response = client.post(reverse("admin:jobs_job_add"), backup)
+    assert response.status_code == 200  # the form again, with the error on the field
+    assert "schedule_database_backup" in response.content.decode()
+    assert not Job.objects.filter(job_type="data_processing").exists()
+    export = form_data(
+        job_type="data_processing", parameters=json.dumps({"dataset": "model_export", "model": "auth.User"})
+    )
+    assert "auth.view_user" in client.post(reverse("admin:jobs_job_add"), export).content.decode()
+    assert not Job.objects.filter(job_type="data_processing").exists()

@@ -80,6 +80,17 @@ def test_create_a_job_see_its_fire_times_and_run_it_now(page: Any, live_server: 
     page.click("input[type=submit]")
     expect(page.locator("h1")).to_have_text("Add job")
 
+    # Choosing a type puts its example into the empty parameters box; another type replaces
+    # the example, but never what a person typed.
+    expect(page.locator("#id_parameters")).to_have_value("{}")
+    page.select_option("#id_job_type", "http_request")
+    expect(page.locator("#id_parameters")).to_contain_text('"url"')
+    page.select_option("#id_job_type", "email_notification")
+    expect(page.locator("#id_parameters")).to_contain_text('"recipient"')
+    page.fill("#id_parameters", '{"recipient": "me@example.com"}')
+    page.select_option("#id_job_type", "http_request")
+    expect(page.locator("#id_parameters")).to_have_value('{"recipient": "me@example.com"}')
+
     # A mistake first: the message appears on the cron field and nothing is saved.
     page.fill("#id_name", "Weekly report")
     page.fill("#id_description", "Mails the weekly numbers to the team.")

@@ -89,3 +89,53 @@ def test_secrets_are_masked_for_those_who_may_view_but_not_change(
     editor = user_with_perms("view_job", "change_job", username="editor")
     assert editor.get(f"/jobs/{job.pk}").json()["parameters"] == parameters
     assert api.get(f"/jobs/{job.pk}").json()["parameters"] == parameters
+
+
+EXPORT_USERS = {"dataset": "model_export", "model": "auth.User", "fields": ["id", "username"]}
+BACKUP = {"dataset": "database_backup"}
+
+
+def _job(parameters: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    return {
+        "name": "data job",
+        "cron_expression": "0 2 * * *",
+        "job_type": "data_processing",
+        "parameters": parameters,
+        **fields,
+    }
+
+
+def test_exporting_a_model_needs_view_permission_on_it(user_with_perms: Callable[..., APIClient]) -> None:
+    creator = user_with_perms("add_job", "view_job", username="creator")
+    response = creator.post("/jobs", _job(EXPORT_USERS), format="json")
+    assert response.status_code == 400, response.content
+    assert "auth.view_user" in str(response.json()["parameters"])
+    assert not Job.objects.exists()
+    # The scheduler's own tables are no exception.
+    allowed = creator.post("/jobs", _job({"dataset": "model_export", "model": "jobs.JobRun"}), format="json")
+    assert allowed.status_code == 400 and "jobs.view_jobrun" in str(allowed.json()["parameters"])
+    reader = user_with_perms("add_job", "view_job", "view_jobrun", username="reader")
+    response = reader.post("/jobs", _job({"dataset": "model_export", "model": "jobs.JobRun"}), format="json")
+    assert response.status_code == 201, response.content
+
+
+def test_a_backup_job_needs_its_own_permission(user_with_perms: Callable[..., APIClient]) -> None:
+    creator = user_with_perms("add_job", "view_job", username="creator")
+    response = creator.post("/jobs", _job(BACKUP), format="json")
+    assert response.status_code == 400, response.content
+    assert "schedule_database_backup" in str(response.json()["parameters"])
+    operator = user_with_perms("add_job", "view_job", "schedule_database_backup", username="operator")
+    assert operator.post("/jobs", _job(BACKUP), format="json").status_code == 201
+
+
+def test_changing_a_job_into_a_backup_is_checked_too(user_with_perms: Callable[..., APIClient]) -> None:
+    job = services.job_create(**_job({"dataset": "model_export", "model": "jobs.Job"}))
+    editor = user_with_perms("change_job", "view_job", username="editor")
+    response = editor.patch(f"/jobs/{job.pk}", {"parameters": BACKUP}, format="json")
+    assert response.status_code == 400, response.content
+    put = editor.put(f"/jobs/{job.pk}", _job(BACKUP), format="json")
+    assert put.status_code == 400
+    job.refresh_from_db()
+    assert job.parameters == {"dataset": "model_export", "model": "jobs.Job"}
+    # A change that keeps what the user may schedule passes.
+    assert editor.patch(f"/jobs/{job.pk}", {"name": "renamed"}, format="json").status_code == 200
