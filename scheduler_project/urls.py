@@ -5,7 +5,7 @@ from django.urls import include, path
 from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView
 
-from jobs.api.views import RedocView, SwaggerView
+from jobs.api.views import RedocView, SwaggerView, redoc_bundle
 
 urlpatterns = [
     path("", RedirectView.as_view(url="/docs", permanent=False)),
@@ -16,6 +16,7 @@ urlpatterns = [
     path("docs", SwaggerView.as_view(url_name="schema"), name="docs"),
     path("docs/", SwaggerView.as_view(url_name="schema")),
     path("redoc", RedocView.as_view(url_name="schema"), name="redoc"),
+    path("redoc/redoc.standalone.js", redoc_bundle, name="redoc-bundle"),
     path("redoc/", RedocView.as_view(url_name="schema")),
     path("", include("jobs.api.urls")),
 ]
