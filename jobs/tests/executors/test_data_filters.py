@@ -207,7 +207,7 @@ def field_zoo(transactional_db: None) -> Iterator[type[models.Model]]:
     with connection.schema_editor() as editor:
         editor.create_model(FieldZoo)
     try:
-        FieldZoo.objects.create(
+        FieldZoo._default_manager.create(
             day=datetime.date(2026, 1, 2),
             at=datetime.time(12, 30),
             amount=decimal.Decimal("12.50"),
@@ -219,7 +219,7 @@ def field_zoo(transactional_db: None) -> Iterator[type[models.Model]]:
             flag=True,
             data={"a": [1, 2]},
         )
-        FieldZoo.objects.create()
+        FieldZoo._default_manager.create()
         yield FieldZoo
     finally:
         with connection.schema_editor() as editor:

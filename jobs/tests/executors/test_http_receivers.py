@@ -347,7 +347,8 @@ def test_one_delivery_and_a_succeeded_row_through_the_engine_with_retries_left(
     assert [outcome.status for outcome in outcomes] == ["succeeded"]
     assert again == []
     assert list(JobRun.objects.filter(job=job).values_list("attempt", "status")) == [(1, "succeeded")]
-    assert JobRun.objects.get(job=job).result["body"] == "hello"
+    result = JobRun.objects.get(job=job).result
+    assert result is not None and result["body"] == "hello"
     assert len(receiver.deliveries) == 1
 
 
