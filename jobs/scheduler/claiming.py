@@ -26,8 +26,9 @@ from django.utils.dateparse import parse_datetime
 
 from jobs import schedule
 from jobs.conf import get
-from jobs.executors import UnknownJobType, get_executor
 from jobs.models import Job, JobRun, SchedulerProcess
+
+from .runner import safe_to_repeat
 
 logger = logging.getLogger(__name__)
 ModelT = TypeVar("ModelT", bound=Model)
@@ -564,14 +565,15 @@ def recover_lost_runs(*, now: datetime, lost_after: float) -> list[JobRun]:
         )
         if dead:
             SchedulerProcess.objects.filter(id__in=dead).update(stopped_at=now)
+        gone = Q(worker__isnull=True) | Q(worker__stopped_at__isnull=False)
         # Timed-out runs whose threads were still going died with their scheduler.
-        JobRun.objects.lingering().filter(Q(worker__isnull=True) | Q(worker__stopped_at__isnull=False)).update(
+        JobRun.objects.lingering().filter(gone).update(
             finished_at=now,
             error=Concat(F("error"), Value("\n\nits code ended when its scheduler stopped, after the timeout")),
         )
         runs = list(
             JobRun.objects.running()
-            .filter(Q(worker__isnull=True) | Q(worker__stopped_at__isnull=False))
+            .filter(gone)
             .select_for_update(skip_locked=True, of=("self",))
             .select_related("job", "worker")
         )
@@ -618,11 +620,7 @@ def _lose(runs: list[JobRun], now: datetime, why: Callable[[JobRun], str]) -> se
         run.status = JobRun.Status.LOST
         run.finished_at = now
         run.error = why(run)
-        try:
-            safe = get_executor(run.job.job_type).is_safe_to_repeat(run.job)
-        except UnknownJobType:
-            safe = False
-        if safe and run.attempt <= max(run.job.max_retries, 1):
+        if safe_to_repeat(run.job) and run.attempt <= max(run.job.max_retries, 1):
             retries.append(
                 JobRun(
                     job=run.job,
