@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import json
-import zoneinfo
-from functools import cache
 from typing import Any, cast
 
 from django import forms
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
-from . import services
+from . import schedule, services
 from .executors import Executor, all_executors
 from .models import Job
-
-
-@cache
-def _timezone_names() -> tuple[str, ...]:
-    return tuple(sorted(zoneinfo.available_timezones()))
 
 
 class TimezoneInput(forms.TextInput):
@@ -32,7 +25,7 @@ class TimezoneInput(forms.TextInput):
         super().__init__({"list": "jobs-timezones", "autocomplete": "off", "spellcheck": "false", **(attrs or {})})
 
     def render(self, name: str, value: Any, attrs: dict[str, Any] | None = None, renderer: Any = None) -> SafeString:
-        options = format_html_join("", '<option value="{}">', ((zone,) for zone in _timezone_names()))
+        options = format_html_join("", '<option value="{}">', ((zone,) for zone in schedule.iana_zone_names()))
         return format_html('{}<datalist id="jobs-timezones">{}</datalist>', super().render(name, value, attrs), options)
 
 

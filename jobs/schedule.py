@@ -190,20 +190,28 @@ _NOT_ZONES = frozenset({"localtime", "Factory", "posixrules"})
 
 
 @lru_cache(maxsize=1)
-def _zone_names() -> frozenset[str]:
-    return frozenset(zoneinfo.available_timezones())
+def iana_zone_names() -> tuple[str, ...]:
+    """Return the IANA time zone names this host knows, sorted: the names jobs may use."""
+    return tuple(
+        sorted(
+            name
+            for name in zoneinfo.available_timezones()
+            if len(name) <= 64
+            and _ZONE_NAME.fullmatch(name)
+            and name not in _NOT_ZONES
+            and not name.startswith(("posix/", "right/"))
+        )
+    )
+
+
+@lru_cache(maxsize=1)
+def _zone_name_set() -> frozenset[str]:
+    return frozenset(iana_zone_names())
 
 
 def validate_timezone(name: str) -> str:
     """Return `name` if it is an IANA time zone name, or raise CronError."""
-    if not (
-        isinstance(name, str)
-        and len(name) <= 64
-        and _ZONE_NAME.fullmatch(name)
-        and name not in _NOT_ZONES
-        and not name.startswith(("posix/", "right/"))
-        and name in _zone_names()
-    ):
+    if not (isinstance(name, str) and name in _zone_name_set()):
         raise CronError(f"{name!r} is not an IANA time zone (for example Europe/Berlin or UTC)")
     zone(name)  # listed, so it loads; this keeps the two checks from ever disagreeing
     return name
