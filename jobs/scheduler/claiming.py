@@ -21,13 +21,13 @@ from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, connection, connections, transaction
 from django.db.models import F, Model, Q, Value
 from django.db.models.functions import Concat
-from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
 from jobs import schedule
 from jobs.conf import get
 from jobs.models import Job, JobRun, SchedulerProcess
 
+from . import liveness
 from .runner import safe_to_repeat
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ class FireReport:
     jobs: int = 0
     queued: int = 0
     skipped: int = 0
+    expired: int = 0  # queued runs that waited past their job's misfire grace
 
 
 class _DueJob(NamedTuple):
@@ -96,39 +97,46 @@ def _fires_until(job: _DueJob, now: datetime) -> tuple[list[datetime], datetime 
 
 
 def _plan_runs(job: _DueJob, fires: list[datetime], now: datetime, active: bool) -> list[_Planned]:
-    """Turn a job's due fire times into runs, applying the misfire and overlap policies."""
+    """Turn a job's due fire times into runs, applying the misfire and overlap policies.
+
+    Every fire gets a row that runs or says why not, except fires missed beyond the grace under
+    `run_once`: the run that executes counts those (`missed_fires`), however many there are.
+    """
     grace = timedelta(seconds=job.misfire_grace_seconds)
     late = [fire for fire in fires if now - fire > grace]
     on_time = fires[len(late) :]
     rows: list[_Planned] = []
     skipped = JobRun.Status.SKIPPED.value
-    overlap = "overlap: the previous run is still active"
-    forbid = job.overlap_policy == Job.OverlapPolicy.FORBID
-
-    to_queue = list(on_time)
-    if late:
+    folded = 0  # missed fires the run that executes stands for, besides its own
+    to_run = on_time
+    if late and job.misfire_policy == Job.MisfirePolicy.SKIP:
         lateness = (now - late[-1]).total_seconds()
         missed = f"{len(late)}{'+' if len(fires) >= MAX_FIRES_COUNTED else ''} fire(s) missed"
-        if job.misfire_policy == Job.MisfirePolicy.SKIP or on_time:
+        reason = f"misfire: {missed}, {lateness:.0f}s late (grace {job.misfire_grace_seconds}s)"
+        rows.append(_Planned(job.id, late[-1], skipped, len(late) - 1, reason[:255]))
+    elif late and on_time:
+        folded = len(late)  # run_once: the first on-time run stands for the missed fires
+    elif late:
+        folded, to_run = len(late) - 1, late[-1:]  # run_once: one catch-up run at the latest missed fire
+    if not to_run:
+        return rows
+    if job.overlap_policy == Job.OverlapPolicy.FORBID:
+        if active:
+            overlap = "overlap: the previous run is still active"
+            rows += [_Planned(job.id, fire, skipped, folded if i == 0 else 0, overlap) for i, fire in enumerate(to_run)]
+            return rows
+        if len(to_run) > 1:
+            # Several fires due at once (the scheduler was behind, within the grace): one run at
+            # a time, and the latest is the one worth running.
+            behind = (now - to_run[0]).total_seconds()
             reason = (
-                f"misfire: {missed}, {lateness:.0f}s late (grace {job.misfire_grace_seconds}s)"
-                if not on_time
-                else f"misfire: {missed}; superseded by a later on-time fire"
+                f"coalesced: {len(to_run)} fires came due together ({behind:.0f}s behind); "
+                "overlap_policy=forbid runs only the latest"
             )
-            rows.append(_Planned(job.id, late[-1], skipped, len(late) - 1, reason[:255]))
-        else:
-            # run_once: one catch-up run stands for every missed fire.
-            to_queue = []
-            if active and forbid:
-                rows.append(_Planned(job.id, late[-1], skipped, len(late) - 1, overlap))
-            else:
-                rows.append(_Planned(job.id, late[-1], missed_fires=len(late) - 1))
-    for fire in to_queue:
-        if active and forbid:
-            rows.append(_Planned(job.id, fire, skipped, skip_reason=overlap))
-        else:
-            rows.append(_Planned(job.id, fire))
-            active = True
+            rows += [_Planned(job.id, fire, skipped, skip_reason=reason) for fire in to_run[:-1]]
+            to_run = to_run[-1:]
+    rows.append(_Planned(job.id, to_run[0], missed_fires=folded))
+    rows += [_Planned(job.id, fire) for fire in to_run[1:]]
     return rows
 
 
@@ -139,7 +147,7 @@ _RUN_COLUMNS = (
 _ON_CONFLICT = "ON CONFLICT (job_id, scheduled_for, attempt) DO NOTHING"
 
 
-def _insert_plain_runs(job_ids: list[int]) -> None:
+def _insert_plain_runs(job_ids: list[int], now: datetime) -> None:
     """Insert a queued run for each job's stored next fire time, computed by the database.
 
     Most fires are plain: one on-time run at the job's `next_run_at`. Only the job ids are sent
@@ -148,7 +156,7 @@ def _insert_plain_runs(job_ids: list[int]) -> None:
     """
     runs_table = connection.ops.quote_name(JobRun._meta.db_table)
     jobs_table = connection.ops.quote_name(Job._meta.db_table)
-    created_at = connection.ops.adapt_datetimefield_value(timezone.now())
+    created_at = connection.ops.adapt_datetimefield_value(now)
     with connection.cursor() as cursor:
         cursor.execute(
             f"INSERT INTO {runs_table} ({_RUN_COLUMNS}) SELECT id, next_run_at, next_run_at, "
@@ -168,8 +176,7 @@ def _insert_runs(planned: list[_Planned], now: datetime) -> None:
     limit = connection.features.max_query_params or 65535
     size = max(1, min(len(planned), limit // per_row))
     adapt = connection.ops.adapt_datetimefield_value
-    created_at = adapt(timezone.now())
-    finished_at = adapt(now)
+    created_at = finished_at = adapt(now)
     times: dict[datetime, Any] = {}
     for start in range(0, len(planned), size):
         chunk = planned[start : start + size]
@@ -188,6 +195,56 @@ def _insert_runs(planned: list[_Planned], now: datetime) -> None:
             cursor.execute(f"INSERT INTO {table} ({_RUN_COLUMNS}) VALUES {values} {_ON_CONFLICT}", params)
 
 
+def _stale(run_time: str, grace_seconds: str) -> str:
+    """SQL: whether `run_time` lies more than `grace_seconds` before the `%s` parameter."""
+    if connection.vendor == "postgresql":
+        return f"{run_time} < %s - {grace_seconds} * INTERVAL '1 second'"
+    return f"julianday({run_time}) < julianday(%s) - {grace_seconds} / 86400.0"
+
+
+def _expire_stale_runs(cursor: Any, now: datetime) -> int:
+    """Apply the misfire policy to queued runs that waited past their job's misfire grace.
+
+    Runs queued before every scheduler stopped, or behind a long queue: `skip` skips them;
+    `run_once` skips one when a later fire of its job is queued or due now (that one stands for
+    it), and otherwise lets it run late as the catch-up. Manual runs are someone's explicit
+    request and always run. Return how many runs were skipped. Normally this finds nothing: it
+    reads the ready part of the queue index.
+    """
+    runs_table = connection.ops.quote_name(JobRun._meta.db_table)
+    jobs_table = connection.ops.quote_name(Job._meta.db_table)
+    queued = JobRun.Status.QUEUED
+    at = connection.ops.adapt_datetimefield_value(now)
+    lock = " FOR UPDATE OF run SKIP LOCKED" if connection.features.has_select_for_update_skip_locked else ""
+    cursor.execute(
+        f"SELECT run.id, job.misfire_policy, job.misfire_grace_seconds FROM {runs_table} AS run{_queue_index()} "
+        f"JOIN {jobs_table} AS job ON job.id = run.job_id WHERE run.status = '{queued}' AND run.not_before < %s "
+        f"AND run.trigger <> '{JobRun.Trigger.MANUAL}' AND {_stale('run.not_before', 'job.misfire_grace_seconds')} "
+        f"AND (job.misfire_policy = '{Job.MisfirePolicy.SKIP}' OR (job.enabled AND job.next_run_at <= %s) "
+        f"OR EXISTS (SELECT 1 FROM {runs_table} AS later WHERE later.job_id = run.job_id "
+        f"AND later.status = '{queued}' AND later.not_before >= run.not_before AND later.id > run.id)){lock}",
+        [at, at, at],
+    )
+    reasons: dict[str, list[int]] = {}
+    for run_id, policy, grace in cursor.fetchall():
+        reason = (
+            f"misfire: not started within the grace ({grace}s) after it was due"
+            if policy == Job.MisfirePolicy.SKIP
+            else f"misfire: not started within the grace ({grace}s); a later fire of the job runs instead"
+        )
+        reasons.setdefault(reason, []).append(run_id)
+    for reason, ids in reasons.items():
+        cursor.execute(
+            f"UPDATE {runs_table} SET status = '{JobRun.Status.SKIPPED}', skip_reason = %s, finished_at = %s "
+            f"WHERE id IN ({_placeholders(len(ids))}) AND status = '{queued}'",
+            [reason, at, *ids],
+        )
+    expired = sum(len(ids) for ids in reasons.values())
+    if expired:
+        logger.warning("%d queued run(s) waited past their misfire grace; skipped by the misfire policy", expired)
+    return expired
+
+
 def fire_due_jobs(*, now: datetime, limit: int = FIRE_BATCH) -> FireReport:
     """Turn due jobs into runs and advance their next fire time, in one short transaction.
 
@@ -204,6 +261,7 @@ def fire_due_jobs(*, now: datetime, limit: int = FIRE_BATCH) -> FireReport:
     lock = f" FOR UPDATE OF {jobs_table} SKIP LOCKED" if connection.features.has_select_for_update_skip_locked else ""
     adapt = connection.ops.adapt_datetimefield_value
     with transaction.atomic(savepoint=False), connection.cursor() as cursor:
+        report.expired = _expire_stale_runs(cursor, now)
         # The partial index job_due_idx answers `enabled AND next_run_at <= now`, and
         # jobrun_active_idx (whose condition lists the same statuses) the first EXISTS;
         # jobrun_lingering_idx the second: a timed-out run whose thread still runs.
@@ -248,7 +306,7 @@ def fire_due_jobs(*, now: datetime, limit: int = FIRE_BATCH) -> FireReport:
                 planned.extend(runs)
             advanced.setdefault(following, []).append(job.id)
         if plain:
-            _insert_plain_runs(plain)
+            _insert_plain_runs(plain, now)
         if planned:
             _insert_runs(planned, now)
         # Jobs on the same schedule share their next fire time: one UPDATE per distinct time.
@@ -552,17 +610,20 @@ def next_wakeup(*, include_queue: bool) -> datetime | None:
 def recover_lost_runs(*, now: datetime, lost_after: float) -> list[JobRun]:
     """Mark running runs of dead or stopped schedulers as lost; queue a retry where it is safe.
 
-    A scheduler is dead when it has not heartbeaten for `lost_after` seconds. Its runs become
+    A scheduler is dead when it has not heartbeaten for `lost_after` seconds and the evidence
+    that cannot come from an outage says so too (see `liveness.presumed_dead`). Its runs become
     `lost`; a retry is queued when the job type's work is safe to repeat and the job's retries
-    allow it (a lost run gets at least one retry, since it never reported a failure).
+    allow it (a lost run gets at least one retry, since it never reported a failure). `now` is
+    the database's time, like the heartbeats it compares with.
     """
     stale_before = now - timedelta(seconds=lost_after)
     with transaction.atomic():
-        dead = list(
-            SchedulerProcess.objects.select_for_update(skip_locked=True)
-            .filter(stopped_at__isnull=True, last_heartbeat_at__lt=stale_before)
-            .values_list("id", flat=True)
+        stale = list(
+            SchedulerProcess.objects.select_for_update(skip_locked=True).filter(
+                stopped_at__isnull=True, last_heartbeat_at__lt=stale_before
+            )
         )
+        dead = [process.pk for process in stale if liveness.presumed_dead(process, now=now)]
         if dead:
             SchedulerProcess.objects.filter(id__in=dead).update(stopped_at=now)
         gone = Q(worker__isnull=True) | Q(worker__stopped_at__isnull=False)
@@ -577,16 +638,21 @@ def recover_lost_runs(*, now: datetime, lost_after: float) -> list[JobRun]:
             .select_for_update(skip_locked=True, of=("self",))
             .select_related("job", "worker")
         )
-        retried = _lose(
-            runs,
-            now,
-            lambda run: (
-                f"lost: {run.worker if run.worker else 'an unknown scheduler'} stopped before the run "
-                f"finished (no heartbeat since {stale_before:%H:%M:%S})"
-            ),
-        )
+        retried = _lose(runs, now, _lost_reason)
     _log_lost(runs, retried)
     return runs
+
+
+def _lost_reason(run: JobRun) -> str:
+    worker = run.worker
+    if worker is None:
+        return "lost: its scheduler's record is gone and the run never finished"
+    beat = worker.last_heartbeat_at
+    silent = ((worker.stopped_at or beat) - beat).total_seconds()
+    return (
+        f"lost: {worker} stopped before the run finished (last heartbeat {beat:%Y-%m-%d %H:%M:%S} UTC, "
+        f"{silent:.0f}s before it was marked stopped)"
+    )
 
 
 def release_unheld_runs(*, worker_id: int, held: set[int], now: datetime) -> list[JobRun]:

@@ -23,13 +23,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import DatabaseError, close_old_connections, connection, connections, transaction
-from django.utils import timezone
 
 from jobs.conf import get
 from jobs.models import SchedulerProcess
 from jobs.retention import prune_history
 
-from . import claiming, runner
+from . import claiming, liveness, runner
+from .clock import DatabaseClock, scheduler_clock
 from .notify import CHANNEL, CommitWatcher, notify_schedulers
 
 logger = logging.getLogger("jobs.scheduler")
@@ -42,6 +42,13 @@ PRUNE_FIRST_AFTER_SECONDS = 60.0
 GATHER_SECONDS = 0.001
 # SQLite has no NOTIFY: this often, an idle scheduler asks whether another process committed.
 WATCH_SECONDS = 0.5
+# While the database is unavailable: the first retry after this long, each next one after twice
+# as long, up to a quarter of the lost-after time (so a scheduler is back well before anyone
+# judges it) and at most this long.
+RETRY_FIRST_SECONDS = 0.5
+RETRY_MAX_SECONDS = 5.0
+# After the grace, this long to write back what it can before the process exits regardless.
+FINAL_WRITE_SECONDS = 5.0
 
 
 def _noted_by_the_wakeup_fd(signum: int, frame: Any) -> None:
@@ -118,6 +125,7 @@ class _Listener(_Helper):
     def run(self) -> None:
         import select
 
+        failures = 0
         while not self._stop_event.is_set():
             wrapper = connections.create_connection("default")
             try:
@@ -126,6 +134,10 @@ class _Listener(_Helper):
                 raw.autocommit = True
                 with raw.cursor() as cursor:
                     cursor.execute(f"LISTEN {CHANNEL}")
+                if failures:
+                    logger.info("LISTEN connection back after %d failed attempt(s)", failures)
+                    failures = 0
+                    self._on_notify()  # changes made meanwhile sent no notice this side saw
                 while not self._stop_event.is_set():
                     readable, _, _ = select.select([raw], [], [], 1.0)
                     if readable:
@@ -133,14 +145,25 @@ class _Listener(_Helper):
                         if raw.notifies:
                             raw.notifies.clear()
                             self._on_notify()
-            except Exception:  # noqa: BLE001 - keep listening through database restarts
-                logger.warning("LISTEN connection failed; retrying in 1s", exc_info=True)
-                self._stop_event.wait(1.0)
+            except Exception as exc:  # noqa: BLE001 - keep listening through database restarts
+                failures += 1
+                delay = min(RETRY_FIRST_SECONDS * 2 ** (failures - 1), RETRY_MAX_SECONDS)
+                # The traceback once; while the database stays away, one line per try.
+                logger.warning(
+                    "LISTEN connection failed (%s); retrying in %.1fs", _brief(exc), delay, exc_info=failures == 1
+                )
+                self._stop_event.wait(delay)
             finally:
                 try:
                     wrapper.close()
                 except Exception:  # noqa: BLE001 - the connection may already be gone
                     logger.debug("closing LISTEN connection failed", exc_info=True)
+
+
+def _brief(exc: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    message = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {message[0]}" if message else type(exc).__name__
 
 
 class _Pruner(_Helper):
@@ -174,14 +197,15 @@ class Engine:
         self,
         *,
         max_concurrent: int | None = None,
-        clock: Callable[[], datetime] = timezone.now,
+        clock: Callable[[], datetime] | None = None,
         max_sleep: float | None = None,
         heartbeat_seconds: float | None = None,
         lost_after: float | None = None,
         shutdown_grace: float | None = None,
     ) -> None:
         self.max_concurrent = max_concurrent or int(get("MAX_CONCURRENT_JOBS"))
-        self.clock = clock
+        # Every time it writes or compares is the database's (see clock.py); tests pass their own.
+        self.clock = clock or scheduler_clock()
         self.max_sleep = float(max_sleep if max_sleep is not None else get("MAX_SLEEP_SECONDS"))
         self.heartbeat_seconds = float(heartbeat_seconds if heartbeat_seconds is not None else get("HEARTBEAT_SECONDS"))
         self.lost_after = float(lost_after if lost_after is not None else get("LOST_AFTER_SECONDS"))
@@ -207,6 +231,11 @@ class Engine:
         self._stop_requested_at: float | None = None
         self._next_heartbeat = 0.0
         self._beat_at: datetime | None = None  # the last heartbeat written, by self.clock()
+        # time.monotonic() from which it may judge other schedulers dead: a full lost_after after
+        # it started or last recovered from a database error (None: not yet recovered).
+        self._judge_from: float | None = None
+        self._stop_requested = threading.Event()
+        self._exited = threading.Event()
         self._listener: _Listener | None = None
         self._pruner: _Pruner | None = None
         # What makes a pass look for due jobs and queued runs (rather than only record outcomes):
@@ -221,6 +250,8 @@ class Engine:
     # -- lifecycle -----------------------------------------------------------------------------
 
     def register(self) -> SchedulerProcess:
+        if isinstance(self.clock, DatabaseClock):
+            self.clock.sync()
         now = self.clock()
         self.process = SchedulerProcess.objects.create(
             hostname=socket.gethostname(),
@@ -229,8 +260,10 @@ class Engine:
             started_at=now,
             last_heartbeat_at=now,
         )
+        liveness.hold(self.process.pk)
         self._beat_at = now
         self._next_heartbeat = time.monotonic() + self.heartbeat_seconds
+        self._judge_from = time.monotonic() + self.lost_after
         logger.info("scheduler %s started: %s slots, database %s", self.process, self.max_concurrent, connection.vendor)
         return self.process
 
@@ -241,6 +274,7 @@ class Engine:
             os._exit(1)
         self._stopping = True
         self._stop_requested_at = time.monotonic()
+        self._stop_requested.set()
         logger.info(
             "stopping: no new runs; waiting up to %.0fs for %d running", self.shutdown_grace, len(self._inflight)
         )
@@ -277,24 +311,72 @@ class Engine:
             self._listener.start()
         self._pruner = _Pruner(self.clock, first_after=PRUNE_FIRST_AFTER_SECONDS, interval=PRUNE_EVERY_SECONDS)
         self._pruner.start()
+        threading.Thread(target=self._watchdog, name="scheduler-watchdog", daemon=True).start()
+        failures = 0  # database errors in a row
+        failing_since = 0.0
         try:
             while True:
                 self._wake.clear()
                 try:
                     self._tick()
-                    if self._stopping and (not self._inflight or self._grace_over()):
+                    if failures:
+                        logger.warning(
+                            "database available again after %.1fs (%d failed attempt(s))",
+                            time.monotonic() - failing_since,
+                            failures,
+                        )
+                        failures = 0
+                    if self._done_stopping():
                         break
                     self._sleep()
-                except DatabaseError:
-                    logger.exception("database error in the scheduler loop; retrying in 1s")
-                    # A claim may have committed without its reply reaching us.
-                    self._release_unheld = True
-                    close_old_connections()
-                    connection.close()
-                    self._wake.wait(1.0)
+                except DatabaseError as exc:
+                    self._after_database_error()
+                    failures += 1
+                    delay = min(RETRY_FIRST_SECONDS * 2 ** (failures - 1), self._retry_max())
+                    if failures == 1:
+                        failing_since = time.monotonic()
+                        logger.error("database error in the scheduler loop; retrying in %.1fs", delay, exc_info=True)
+                    else:
+                        # One line per try while it lasts, not a traceback a second.
+                        logger.warning(
+                            "database still unavailable after %.0fs (%s); retrying in %.1fs",
+                            time.monotonic() - failing_since,
+                            _brief(exc),
+                            delay,
+                        )
+                    # A stop wins whatever the database does: runs it could not write back are
+                    # recovered as lost by the other schedulers.
+                    if self._done_stopping():
+                        break
+                    self._wake.wait(delay)
         finally:
             self._shutdown()
         return 0
+
+    def _done_stopping(self) -> bool:
+        return self._stopping and (not self._inflight or self._grace_over())
+
+    def _retry_max(self) -> float:
+        return max(RETRY_FIRST_SECONDS, min(RETRY_MAX_SECONDS, self.lost_after / 4))
+
+    def _after_database_error(self) -> None:
+        # A claim may have committed without its reply reaching us.
+        self._release_unheld = True
+        # Back from an outage, it cannot yet tell a dead scheduler from one still reconnecting.
+        self._judge_from = None
+        close_old_connections()
+        connection.close()
+
+    def _watchdog(self) -> None:
+        """Once a stop is requested, end the process if shutting down outlasts the grace by
+        FINAL_WRITE_SECONDS (a database that accepts connections but never answers)."""
+        self._stop_requested.wait()
+        if not self._exited.wait(self.shutdown_grace + FINAL_WRITE_SECONDS):
+            logger.error(
+                "shutdown still not done %.0fs after the stop signal (the database does not answer?); exiting now",
+                self.shutdown_grace + FINAL_WRITE_SECONDS,
+            )
+            os._exit(1)
 
     def run_once(self) -> list[runner.Outcome]:
         """Do one pass, wait for the runs it started (or their timeouts), record them, stop."""
@@ -356,13 +438,17 @@ class Engine:
         if not connection.in_atomic_block:
             connection.close()  # this thread's connection; nothing else will close it
         logger.info("scheduler %s stopped", self.process)
+        self._exited.set()
 
     # -- one pass ------------------------------------------------------------------------------
 
     def _tick(self, collect_into: list[runner.Outcome] | None = None) -> None:
         sink: list[runner.Outcome] = collect_into if collect_into is not None else []
         self._take_outcomes()
-        if self._release_unheld and self.process is not None:
+        assert self.process is not None
+        # After a reconnect the new session takes the liveness lock (a dictionary look-up otherwise).
+        liveness.hold(self.process.pk)
+        if self._release_unheld:
             held = set(self._inflight) | {outcome.run.pk for outcome in self._unrecorded}
             claiming.release_unheld_runs(worker_id=self.process.pk, held=held, now=self.clock())
             self._release_unheld = False
@@ -377,6 +463,8 @@ class Engine:
         # After the pass, so that a heartbeat falling due with a fire does not delay it.
         if time.monotonic() >= self._next_heartbeat:
             self._heartbeat()
+        if self._judge_from is None:
+            self._judge_from = time.monotonic() + self.lost_after
 
     def _pass(self, sink: list[runner.Outcome]) -> None:
         if self._stopping:
@@ -432,11 +520,9 @@ class Engine:
                             worker_id=worker_id, slots=free, now=self.clock(), lost_after=self.lost_after
                         )
                 self._recorded(accepted, sink)
-            elif claim and self._unrecorded and not any(map(runner.wants_retry, self._unrecorded)):
+            elif claim and not fire and self._unrecorded and not any(map(runner.wants_retry, self._unrecorded)):
                 # PostgreSQL: writing back and claiming share one statement (one round trip,
-                # one commit); firing is its own short transaction.
-                if fire:
-                    report = claiming.fire_due_jobs(now=self.clock())
+                # one commit).
                 write_back = runner.write_back_ctes(self._unrecorded, worker_id=worker_id)
                 recorded, runs = claiming.record_and_claim(
                     write_back, worker_id=worker_id, slots=free, now=self.clock(), lost_after=self.lost_after
@@ -444,7 +530,8 @@ class Engine:
                 self._recorded(runner.accepted_outcomes(self._unrecorded, recorded), sink)
             else:
                 # PostgreSQL, each step atomic on its own; what is written is let go at once, so
-                # a later step failing cannot send it twice.
+                # a later step failing cannot send it twice. Outcomes are written before firing:
+                # a job whose run just ended must not have its next fire skipped as overlapping.
                 self._recorded(runner.record_outcomes(self._unrecorded, worker_id=worker_id), sink)
                 if fire:
                     report = claiming.fire_due_jobs(now=self.clock())
@@ -584,6 +671,8 @@ class Engine:
 
     def _heartbeat(self) -> None:
         assert self.process is not None
+        if isinstance(self.clock, DatabaseClock):
+            self.clock.sync()
         now = self.clock()
         self._next_heartbeat = time.monotonic() + self.heartbeat_seconds
         alive = SchedulerProcess.objects.filter(pk=self.process.pk, stopped_at__isnull=True).update(
@@ -598,7 +687,8 @@ class Engine:
             # scheduler): look for due jobs and ready runs at once.
             self._notified = True
             self._wake.set()
-        if claiming.recover_lost_runs(now=now, lost_after=self.lost_after):
+        judging = self._judge_from is not None and time.monotonic() >= self._judge_from
+        if judging and claiming.recover_lost_runs(now=now, lost_after=self.lost_after):
             self._notified = True  # retries of lost runs may be waiting: look at once
             self._wake.set()
 

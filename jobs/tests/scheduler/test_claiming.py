@@ -52,13 +52,53 @@ def test_fires_within_grace_all_run(make_job, now):
     assert {row[1] for row in _runs(job)} == {"queued"}
 
 
-def test_late_fires_beside_on_time_fires_are_recorded_as_skipped(make_job, now):
+def test_late_fires_beside_on_time_fires_are_counted_on_the_run_that_executes(make_job, now):
     job = make_job(now=now - timedelta(seconds=10), cron="* * * * * *", overlap_policy="allow", misfire_grace_seconds=3)
     claiming.fire_due_jobs(now=now)
+    # -9..-4 are late (more than 3 s): run_once folds them into the first on-time run; -3..0 run.
+    assert _runs(job) == [(now - timedelta(seconds=3), "queued", 6)] + [
+        (now - timedelta(seconds=s), "queued", 0) for s in (2, 1, 0)
+    ]
+
+
+def test_late_fires_beside_on_time_fires_under_skip_get_a_skipped_row(make_job, now):
+    job = make_job(
+        now=now - timedelta(seconds=10),
+        cron="* * * * * *",
+        overlap_policy="allow",
+        misfire_grace_seconds=3,
+        misfire_policy="skip",
+    )
+    claiming.fire_due_jobs(now=now)
     rows = _runs(job)
-    # -9..-4 are late (more than 3 s): one skipped row for the latest of them; -3..0 run.
+    # -9..-4 are late: one skipped row for the latest of them says how many; -3..0 run.
     assert rows[0] == (now - timedelta(seconds=4), "skipped", 5)
     assert rows[1:] == [(now - timedelta(seconds=s), "queued", 0) for s in (3, 2, 1, 0)]
+
+
+def test_fires_due_together_under_forbid_run_the_latest_and_say_why_the_others_did_not(make_job, now):
+    """An outage shorter than the grace: nothing was running, so the earlier fires are not
+    "overlap: the previous run is still active" but coalesced into the latest one."""
+    job = make_job(now=now - timedelta(seconds=5), cron="* * * * * *")  # forbid, grace 60 s
+    claiming.fire_due_jobs(now=now)
+    rows = list(job.runs.order_by("scheduled_for").values_list("scheduled_for", "status", "skip_reason"))
+    assert [row[:2] for row in rows] == [(now - timedelta(seconds=s), "skipped") for s in (4, 3, 2, 1)] + [
+        (now, "queued")
+    ]
+    assert all(row[2].startswith("coalesced: 5 fires came due together (4s behind)") for row in rows[:-1])
+    assert not any(row[2].startswith("overlap") for row in rows)
+
+
+def test_a_long_outage_puts_the_missed_count_on_the_catch_up_run_that_executes(make_job, now):
+    """Missed beyond the grace and some within it, under forbid: the run that executes is the
+    latest on-time fire, and it carries the missed count (not a skipped row)."""
+    job = make_job(now=now - timedelta(seconds=100), cron="* * * * * *", misfire_grace_seconds=10)
+    claiming.fire_due_jobs(now=now)
+    queued = job.runs.get(status="queued")
+    assert (queued.scheduled_for, queued.missed_fires) == (now, 89)  # -99..-11 missed
+    skipped = job.runs.filter(status="skipped")
+    assert skipped.count() == 10 and all(run.missed_fires == 0 for run in skipped)  # -10..-1, coalesced
+    assert all(run.skip_reason.startswith("coalesced") for run in skipped)
 
 
 def test_overlap_forbid_skips_a_fire_while_a_run_is_active(make_job, now):
@@ -98,7 +138,7 @@ def test_plain_and_other_fires_in_one_batch_are_each_recorded_in_full(make_job, 
         report = claiming.fire_due_jobs(now=now)
     inserts = [query["sql"] for query in captured.captured_queries if query["sql"].startswith("INSERT")]
     assert len(inserts) == 2 and "SELECT id, next_run_at" in inserts[0] and "VALUES" in inserts[1]
-    assert (report.jobs, report.queued, report.skipped) == (5, 4, 2)
+    assert (report.jobs, report.queued, report.skipped) == (5, 4, 1)
     for job in plain:
         run = job.runs.get()
         assert (run.scheduled_for, run.not_before, run.trigger, run.attempt, run.status) == (
@@ -112,8 +152,8 @@ def test_plain_and_other_fires_in_one_batch_are_each_recorded_in_full(make_job, 
         assert run.started_at is None and run.worker_id is None and run.created_at is not None
         job.refresh_from_db()
         assert job.next_run_at == now + timedelta(minutes=1)
-    # 09:00 to 11:00 missed (one skipped row stands for them), 12:00 on time.
-    assert _runs(missed) == [(now - timedelta(hours=1), "skipped", 2), (now, "queued", 0)]
+    # 09:00 to 11:00 missed, 12:00 on time: the run at 12:00 stands for the three.
+    assert _runs(missed) == [(now, "queued", 3)]
     assert busy.runs.get(scheduled_for=now).status == "skipped"
 
 
@@ -125,7 +165,7 @@ def test_the_fire_reads_jobs_and_active_runs_through_their_partial_indexes(make_
     make_job(now=now - timedelta(seconds=30))
     with CaptureQueriesContext(connection) as captured:
         claiming.fire_due_jobs(now=now)
-    select = next(query["sql"] for query in captured.captured_queries if query["sql"].startswith("SELECT"))
+    select = next(query["sql"] for query in captured.captured_queries if query["sql"].startswith("SELECT id, cron"))
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
             cursor.execute("SET LOCAL enable_seqscan = off")  # an empty table would be scanned anyway
