@@ -18,7 +18,9 @@ from jobs.scheduler import claiming
 
 def _worker(now, **fields):
     fields.setdefault("last_heartbeat_at", now)
-    return SchedulerProcess.objects.create(hostname="test", pid=1, started_at=now, **fields)
+    fields.setdefault("hostname", "test")
+    fields.setdefault("pid", 1)
+    return SchedulerProcess.objects.create(started_at=now, **fields)
 
 
 def _runs(job):
@@ -334,6 +336,8 @@ def test_runs_of_a_dead_scheduler_become_lost_and_safe_ones_retry(make_job, now,
     lost.refresh_from_db()
     kept.refresh_from_db()
     assert lost.status == "lost" and "test:1 stopped" in lost.error
+    # Its real last heartbeat, not `now - lost_after`.
+    assert "last heartbeat 2026-06-01 11:59:29 UTC, 31s before it was marked stopped" in lost.error
     assert kept.status == "running"
     dead.refresh_from_db()
     assert dead.stopped_at == now
@@ -582,3 +586,137 @@ def test_the_runs_table_has_exactly_the_indexes_the_scheduler_needs(db):
         "jobrun_lingering_idx": ["job_id"],
         "jobrun_trouble_idx": ["scheduled_for"],
     }
+
+
+def _queued(job, at, **fields):
+    fields.setdefault("trigger", "schedule")
+    return JobRun.objects.create(job=job, scheduled_for=at, not_before=at, status="queued", **fields)
+
+
+def test_a_queued_run_past_its_grace_is_skipped_under_skip(make_job, now):
+    """Queued before every scheduler stopped, found 10 minutes later: `skip` skips it rather than
+    running it late, and the job's on-time fire is not skipped as overlapping it."""
+    job = make_job(now=now - timedelta(minutes=1), cron="* * * * *", misfire_policy="skip", misfire_grace_seconds=60)
+    stale = _queued(job, now - timedelta(minutes=10))
+    fresh = _queued(
+        make_job(now=now, cron="0 0 1 1 *", misfire_policy="skip", name="fresh"), now - timedelta(seconds=59)
+    )
+    report = claiming.fire_due_jobs(now=now)
+    stale.refresh_from_db()
+    assert (stale.status, stale.finished_at) == ("skipped", now)
+    assert stale.skip_reason == "misfire: not started within the grace (60s) after it was due"
+    assert JobRun.objects.get(pk=fresh.pk).status == "queued"  # within its grace
+    assert job.runs.get(scheduled_for=now).status == "queued"  # not "overlap"
+    assert report.expired == 1
+
+
+def test_a_stale_queued_run_under_run_once_gives_way_to_a_later_fire(make_job, now):
+    job = make_job(now=now - timedelta(minutes=1), cron="* * * * *", misfire_grace_seconds=60)
+    stale = _queued(job, now - timedelta(minutes=10))
+    claiming.fire_due_jobs(now=now)
+    stale.refresh_from_db()
+    assert stale.status == "skipped" and "a later fire of the job runs instead" in stale.skip_reason
+    assert job.runs.get(scheduled_for=now).status == "queued"
+
+
+def test_a_stale_queued_run_under_run_once_runs_late_when_nothing_later_stands_for_it(make_job, now):
+    job = make_job(now=now, cron="0 0 1 1 *", misfire_grace_seconds=60)
+    older = _queued(job, now - timedelta(minutes=20))
+    newest = _queued(job, now - timedelta(minutes=10))
+    manual = _queued(job, now - timedelta(minutes=30), trigger="manual", attempt=1)
+    claiming.fire_due_jobs(now=now)
+    assert JobRun.objects.get(pk=older.pk).status == "skipped"  # the newest stands for it
+    assert JobRun.objects.get(pk=newest.pk).status == "queued"  # the catch-up
+    assert JobRun.objects.get(pk=manual.pk).status == "queued"  # someone asked for it
+
+
+def test_looking_for_stale_queued_runs_reads_the_queue_index(make_job, now):
+    from django.test.utils import CaptureQueriesContext
+
+    make_job(now=now - timedelta(seconds=30))
+    with CaptureQueriesContext(connection) as captured:
+        claiming.fire_due_jobs(now=now)
+    select = (
+        captured.captured_queries[0]["sql"]
+        if connection.vendor == "sqlite"
+        else next(query["sql"] for query in captured.captured_queries if "AS run" in query["sql"])
+    )
+    assert "AS later" in select
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute("SET LOCAL enable_seqscan = off")
+            cursor.execute(f"EXPLAIN {select.replace(' FOR UPDATE OF run SKIP LOCKED', '')}")
+        else:
+            cursor.execute(f"EXPLAIN QUERY PLAN {select}")
+        plan = " ".join(str(row[-1]) for row in cursor.fetchall())
+    assert claiming.QUEUE_INDEX in plan, plan
+
+
+@pytest.mark.sqlite
+def test_a_silent_scheduler_whose_process_is_alive_on_this_host_is_not_presumed_dead(make_job, now, caplog):
+    """SQLite: paused (SIGSTOP) or blocked by a held write lock, a scheduler on this host stops
+    heartbeating but its process is there. A pid reused by a later process, or another host's
+    pid, is no such evidence."""
+    import os
+    import socket
+    import subprocess
+
+    from django.utils import timezone
+
+    here = socket.gethostname()
+    silent = now - timedelta(seconds=31)
+    real_now = timezone.now()  # process start times are real
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        alive = _worker(now, hostname=here, pid=child.pid, last_heartbeat_at=silent)
+        SchedulerProcess.objects.filter(pk=alive.pk).update(started_at=real_now + timedelta(seconds=5))
+        reused = _worker(now, hostname=here, pid=os.getpid(), last_heartbeat_at=silent)
+        SchedulerProcess.objects.filter(pk=reused.pk).update(started_at=real_now - timedelta(days=400))
+        elsewhere = _worker(now, hostname="another-host", pid=child.pid, last_heartbeat_at=silent)
+        job = make_job(now=now, cron="0 0 1 1 *", job_type="test_sleep")
+        runs = {
+            worker.pk: JobRun.objects.create(
+                job=job, scheduled_for=now - timedelta(minutes=i), not_before=now, status="running", worker=worker
+            )
+            for i, worker in enumerate((alive, reused, elsewhere))
+        }
+        claiming.recover_lost_runs(now=now, lost_after=30)
+        status = {pk: JobRun.objects.get(pk=run.pk).status for pk, run in runs.items()}
+        assert status == {alive.pk: "running", reused.pk: "lost", elsewhere.pk: "lost"}
+        assert SchedulerProcess.objects.get(pk=alive.pk).stopped_at is None
+        assert f"process {child.pid} is still running on this host" in caplog.text
+    finally:
+        child.kill()
+        child.wait()
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_silent_scheduler_holding_its_liveness_lock_is_not_presumed_dead(make_job, now):
+    """PostgreSQL: a scheduler whose session lives (paused, or its heartbeat held up) holds its
+    advisory lock; only once the session ends is it presumed dead."""
+    from jobs.scheduler import liveness
+
+    silent = _worker(now, last_heartbeat_at=now - timedelta(seconds=31))
+    job = make_job(now=now, cron="0 0 1 1 *", job_type="test_sleep")
+    run = JobRun.objects.create(job=job, scheduled_for=now, not_before=now, status="running", worker=silent)
+
+    def hold_in_another_session(release: threading.Event, held: threading.Event) -> None:
+        try:
+            liveness.hold(silent.pk)
+            held.set()
+            release.wait(30)
+        finally:
+            connections.close_all()  # the session ends: the server frees the lock
+
+    release, held = threading.Event(), threading.Event()
+    thread = threading.Thread(target=hold_in_another_session, args=(release, held))
+    thread.start()
+    try:
+        assert held.wait(10)
+        assert claiming.recover_lost_runs(now=now, lost_after=30) == []
+        assert JobRun.objects.get(pk=run.pk).status == "running"
+    finally:
+        release.set()
+        thread.join(10)
+    assert [lost.pk for lost in claiming.recover_lost_runs(now=now, lost_after=30)] == [run.pk]
