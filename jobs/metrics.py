@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta
 
 from django.db.models import Count, F
-from django.utils import timezone
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
@@ -20,6 +19,7 @@ from prometheus_client.registry import Collector
 
 from .conf import get
 from .models import Job, JobRun, SchedulerProcess
+from .scheduler.clock import database_now
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0)
 # Histograms cover the runs of the last hour, at most this many.
@@ -41,7 +41,8 @@ class SchedulerCollector(Collector):
         self.now = now
 
     def collect(self) -> Iterator[Metric]:
-        now = self.now or timezone.now()
+        # Heartbeats and due times are the database's clock (jobs.scheduler.clock).
+        now = self.now or database_now()
         runs = GaugeMetricFamily(
             "scheduler_runs_retained",
             "Runs in the retained history, by job type and status; drops when old runs are pruned.",

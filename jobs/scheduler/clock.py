@@ -77,6 +77,17 @@ class DatabaseClock:
             )
 
 
+def database_now() -> datetime:
+    """The database server's time now (one statement on PostgreSQL; the host's on SQLite), for
+    the web process's judgements of heartbeats and due runs (/health, /metrics)."""
+    if connection.vendor != "postgresql":
+        return timezone.now()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT clock_timestamp()")
+        (server_time,) = cursor.fetchone()
+    return server_time if server_time.tzinfo is not None else server_time.replace(tzinfo=UTC)
+
+
 def scheduler_clock() -> Callable[[], datetime]:
     """The clock a scheduler goes by: the database server's on PostgreSQL, the host's on SQLite."""
     return DatabaseClock() if connection.vendor == "postgresql" else timezone.now

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 PROBE = """
@@ -41,3 +43,24 @@ def test_health_is_503_without_naming_the_database_when_it_is_unreachable() -> N
     assert body["status"] == "unhealthy"
     assert body["database"] == {"vendor": "postgresql", "ok": False, "error": "OperationalError"}
     assert "secret" not in done.stdout
+
+
+@pytest.mark.postgres
+def test_health_judges_heartbeats_by_the_database_clock_not_the_web_hosts(db: None, monkeypatch) -> None:
+    """Schedulers write heartbeats by the database server's clock; a web host whose clock runs
+    90 s ahead must not see them all as stale and report the service down."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from jobs.health import health_report
+    from jobs.models import SchedulerProcess
+    from jobs.scheduler.clock import database_now
+
+    beat = database_now()
+    SchedulerProcess.objects.create(hostname="h", pid=1, started_at=beat, last_heartbeat_at=beat)
+    real = timezone.now
+    monkeypatch.setattr(timezone, "now", lambda: real() + timedelta(seconds=90))
+    report = health_report()
+    assert report["status"] == "ok", report
+    assert report["schedulers"][0]["heartbeat_age_seconds"] < 5
