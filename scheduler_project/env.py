@@ -138,6 +138,10 @@ def database_from_url(url: str, *, base_dir: Path) -> dict[str, Any]:
         config["TEST"] = {"NAME": str(Path(config["NAME"]).with_name("test_" + Path(config["NAME"]).name))}
     elif not config.get("NAME"):
         raise ValueError("the URL names no database")
+    else:
+        # A server that stops answering must not hang a connect for good (a scheduler asked to
+        # stop would wait on it); `?connect_timeout=N` in the URL overrides this.
+        config.setdefault("OPTIONS", {}).setdefault("connect_timeout", 10)
     return config
 
 

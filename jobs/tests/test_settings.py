@@ -295,3 +295,11 @@ def test_a_bad_host_header_logs_one_warning_line_without_a_traceback(tmp_path: P
     assert "Traceback" not in log
     lines = [line for line in log.splitlines() if "Invalid HTTP_HOST header" in line]
     assert len(lines) == 1 and " WARNING " in lines[0], log
+
+
+def test_a_postgresql_connect_gives_up_after_10_seconds_unless_the_url_says_otherwise() -> None:
+    from scheduler_project.env import database_from_url
+
+    assert database_from_url("postgres://u@127.0.0.1:5432/x", base_dir=Path("/srv"))["OPTIONS"]["connect_timeout"] == 10
+    chosen = database_from_url("postgres://u@127.0.0.1:5432/x?connect_timeout=3", base_dir=Path("/srv"))
+    assert int(chosen["OPTIONS"]["connect_timeout"]) == 3
