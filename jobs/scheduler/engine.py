@@ -260,7 +260,7 @@ class Engine:
             started_at=now,
             last_heartbeat_at=now,
         )
-        liveness.hold(self.process.pk)
+        liveness.hold(self.process.pk, lost_after=self.lost_after)
         self._beat_at = now
         self._next_heartbeat = time.monotonic() + self.heartbeat_seconds
         self._judge_from = time.monotonic() + self.lost_after
@@ -447,7 +447,7 @@ class Engine:
         self._take_outcomes()
         assert self.process is not None
         # After a reconnect the new session takes the liveness lock (a dictionary look-up otherwise).
-        liveness.hold(self.process.pk)
+        liveness.hold(self.process.pk, lost_after=self.lost_after)
         if self._release_unheld:
             held = set(self._inflight) | {outcome.run.pk for outcome in self._unrecorded}
             claiming.release_unheld_runs(worker_id=self.process.pk, held=held, now=self.clock())

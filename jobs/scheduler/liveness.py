@@ -45,12 +45,15 @@ def _key(process_id: int) -> int:
     return process_id & _KEY_MASK
 
 
-def hold(process_id: int) -> bool:
+def hold(process_id: int, *, lost_after: float) -> bool:
     """PostgreSQL: make this thread's connection hold the scheduler's liveness lock.
 
-    Costs nothing when it already does. Return False if the lock is held elsewhere (an earlier
-    connection of this process the server has not noticed is gone yet): the caller tries again
-    at its next heartbeat. On other databases there is no lock to hold.
+    Costs nothing when it already does. The same statement sets the session's TCP keepalives,
+    so that if this host vanishes (power cut, network partition) the server ends the session,
+    freeing the lock, within about two thirds of `lost_after` rather than after the kernel's
+    default of two hours. Return False if the lock is held elsewhere (an earlier connection of
+    this process the server has not noticed is gone yet): the caller tries again at its next
+    pass. On other databases there is no lock to hold.
     """
     if connection.vendor != "postgresql":
         return True
@@ -58,9 +61,14 @@ def hold(process_id: int) -> bool:
     raw = connection.connection
     if _holding.get(raw) == process_id:
         return True
+    idle, interval = max(1, int(lost_after / 3)), max(1, int(lost_after / 9))
     with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_try_advisory_lock(%s, %s)", [LOCK_NAMESPACE, _key(process_id)])
-        (taken,) = cursor.fetchone()
+        cursor.execute(
+            "SELECT pg_try_advisory_lock(%s, %s), set_config('tcp_keepalives_idle', %s, false), "
+            "set_config('tcp_keepalives_interval', %s, false), set_config('tcp_keepalives_count', '3', false)",
+            [LOCK_NAMESPACE, _key(process_id), str(idle), str(interval)],
+        )
+        taken = cursor.fetchone()[0]
     if taken:
         _holding[raw] = process_id
     else:

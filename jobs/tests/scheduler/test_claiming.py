@@ -703,17 +703,23 @@ def test_a_silent_scheduler_holding_its_liveness_lock_is_not_presumed_dead(make_
 
     def hold_in_another_session(release: threading.Event, held: threading.Event) -> None:
         try:
-            liveness.hold(silent.pk)
+            liveness.hold(silent.pk, lost_after=30)
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT setting FROM pg_settings WHERE name LIKE 'tcp_keepalives_%%' ORDER BY name")
+                keepalives.extend(cursor.fetchall())
             held.set()
             release.wait(30)
         finally:
             connections.close_all()  # the session ends: the server frees the lock
 
     release, held = threading.Event(), threading.Event()
+    keepalives: list[tuple[str]] = []
     thread = threading.Thread(target=hold_in_another_session, args=(release, held))
     thread.start()
     try:
         assert held.wait(10)
+        # Its session's keepalives end it within 2/3 of lost_after should its host vanish.
+        assert keepalives == [("3",), ("10",), ("3",)]
         assert claiming.recover_lost_runs(now=now, lost_after=30) == []
         assert JobRun.objects.get(pk=run.pk).status == "running"
     finally:
