@@ -53,13 +53,14 @@ class Schedulers:
         self.tmp_path = tmp_path
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, *args: str, max_concurrent: int = 5) -> subprocess.Popen[bytes]:
+    def start(self, *args: str, max_concurrent: int = 5, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         env = {
             **os.environ,
             "DJANGO_SETTINGS_MODULE": "jobs.tests.settings",
             "DATABASE_URL": _database_url(),
             "ENV_FILE": os.devnull,
             "LOG_LEVEL": "info",
+            **(env or {}),
         }
         log = open(self.tmp_path / f"scheduler-{len(self.procs)}.log", "wb")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen(
@@ -275,3 +276,61 @@ def test_downtime_follows_the_misfire_policy_on_start(schedulers: Schedulers) ->
     for job in (catch_up, skip):
         job.refresh_from_db()
         assert job.next_run_at is not None and job.next_run_at > timezone.now()
+
+
+LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+
+
+def _skewed(offset: str) -> dict[str, str]:
+    """Environment that makes a process's wall clock read `offset` off, as a host without time
+    synchronisation does (its monotonic clock stays true: timed waits depend on it)."""
+    if not LIBFAKETIME.exists():
+        if os.environ.get("CI") == "true":
+            raise AssertionError(f"{LIBFAKETIME} is missing: apt-get install faketime")
+        pytest.skip("libfaketime is missing (apt-get install faketime)")
+    return {"LD_PRELOAD": str(LIBFAKETIME), "FAKETIME": offset, "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+
+
+def _server_now() -> Any:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT clock_timestamp()")
+        return cursor.fetchone()[0]
+
+
+@pytest.mark.postgres
+def test_schedulers_whose_clocks_disagree_go_by_the_databases(schedulers: Schedulers) -> None:
+    """One scheduler's host clock 90 s ahead, another's 45 s behind (libfaketime): nothing starts
+    before its fire time as the server sees it, every fire runs once, neither is presumed dead
+    by the other, and each logs its skew once."""
+    ahead = schedulers.start("--lost-after", "6", "--heartbeat", "1", env=_skewed("+90s"))
+    behind = schedulers.start("--lost-after", "6", "--heartbeat", "1", env=_skewed("-45s"))
+    for proc in (ahead, behind):
+        schedulers.registered(proc)
+    first_fire = (_server_now() + timedelta(seconds=3)).replace(microsecond=0)
+    jobs = [_job(name=f"every second {i}", cron_expression="* * * * * *", overlap_policy="allow") for i in range(3)]
+    Job.objects.filter(pk__in=[job.pk for job in jobs]).update(next_run_at=first_fire)
+    # Watch from outside, by the server's clock, when the first run of each job appears.
+    seen: dict[int, Any] = {}
+    deadline = time.monotonic() + 15
+    while len(seen) < len(jobs) and time.monotonic() < deadline:
+        server_now = _server_now()
+        for job_id in JobRun.objects.filter(job__in=jobs).values_list("job_id", flat=True).distinct():
+            seen.setdefault(job_id, server_now)
+        time.sleep(0.02)
+    assert len(seen) == len(jobs), schedulers.logs()
+    assert all(at >= first_fire for at in seen.values()), (first_fire, seen)
+    time.sleep(8)  # > lost_after: a peer judged by a skewed clock would be presumed dead by now
+    for job in jobs:
+        services.job_pause(job)
+    wait_for(lambda: not JobRun.objects.active().exists(), 20)
+    for proc in (ahead, behind):
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, schedulers.logs()
+    runs = list(JobRun.objects.filter(job__in=jobs))
+    assert runs and all(run.started_at >= run.scheduled_for for run in runs if run.started_at)
+    assert {run.status for run in runs} == {"succeeded"}
+    assert max(Counter((run.job_id, run.scheduled_for) for run in runs).values()) == 1
+    logs = schedulers.logs()
+    assert "lost" not in {run.status for run in runs} and "presumed dead" not in logs, logs
+    assert logs.count("90.0s ahead of the database server's") == 1, logs
+    assert logs.count("45.0s behind the database server's") == 1, logs
