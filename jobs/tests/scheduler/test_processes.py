@@ -278,7 +278,7 @@ def test_downtime_follows_the_misfire_policy_on_start(schedulers: Schedulers) ->
         assert job.next_run_at is not None and job.next_run_at > timezone.now()
 
 
-LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+LIBFAKETIME = next(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"), Path("/usr/lib/faketime/libfaketime.so.1"))
 
 
 def _skewed(offset: str) -> dict[str, str]:
