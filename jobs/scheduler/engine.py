@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import DatabaseError, close_old_connections, connection, connections, transaction
+from django.db import Error, close_old_connections, connection, connections, transaction
 
 from jobs.conf import get
 from jobs.models import SchedulerProcess
@@ -329,7 +329,7 @@ class Engine:
                     if self._done_stopping():
                         break
                     self._sleep()
-                except DatabaseError as exc:
+                except Error as exc:  # DatabaseError, or InterfaceError on a connection gone under it
                     self._after_database_error()
                     failures += 1
                     delay = min(RETRY_FIRST_SECONDS * 2 ** (failures - 1), self._retry_max())
@@ -348,7 +348,10 @@ class Engine:
                     # recovered as lost by the other schedulers.
                     if self._done_stopping():
                         break
-                    self._wake.wait(delay)
+                    if self._stopping and self._stop_requested_at is not None:
+                        # Runs still going: look again when one ends (it wakes us) or the grace does.
+                        delay = min(delay, self._stop_requested_at + self.shutdown_grace - time.monotonic())
+                    self._wake.wait(max(delay, 0.0))
         finally:
             self._shutdown()
         return 0
@@ -430,8 +433,13 @@ class Engine:
                 )
             if self.process is not None:
                 SchedulerProcess.objects.filter(pk=self.process.pk).update(stopped_at=self.clock())
-        except DatabaseError:
-            logger.exception("could not record shutdown")
+        except Error:
+            logger.exception("could not record the shutdown (is the database down?)")
+            if self._unrecorded:
+                logger.error(
+                    "%d finished run(s) could not be written back; other schedulers will mark them lost",
+                    len(self._unrecorded),
+                )
         for helper in (self._listener, self._pruner):
             if helper is not None:
                 helper.join(timeout=2.0)

@@ -39,6 +39,8 @@ _KEY_MASK = 0x7FFFFFFF
 _holding: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 # Schedulers already reported as silent but alive, so the warning is not repeated every heartbeat.
 _reported_alive: set[int] = set()
+# This process's schedulers whose lock an older session still holds (reported once).
+_waiting: set[int] = set()
 
 
 def _key(process_id: int) -> int:
@@ -71,8 +73,10 @@ def hold(process_id: int, *, lost_after: float) -> bool:
         taken = cursor.fetchone()[0]
     if taken:
         _holding[raw] = process_id
-    else:
-        logger.warning("liveness lock of scheduler %s is still held by an older session; trying again", process_id)
+        _waiting.discard(process_id)
+    elif process_id not in _waiting:
+        _waiting.add(process_id)
+        logger.warning("the liveness lock of scheduler %s is still held by an older session; trying again", process_id)
     return bool(taken)
 
 
