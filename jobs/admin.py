@@ -14,6 +14,7 @@ from django.contrib import admin, messages
 from django.contrib.admin.utils import unquote
 from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
+from django.db.models.functions import Now
 from django.forms import BaseInlineFormSet
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.defaultfilters import truncatechars
@@ -487,13 +488,22 @@ class SchedulerProcessAdmin(admin.ModelAdmin):
     started = utc_column("started_at", "started")
     stopped = utc_column("stopped_at", "stopped")
 
+    def get_queryset(self, request: HttpRequest) -> QuerySet[SchedulerProcess]:
+        # Heartbeats are written by the database's clock (jobs.scheduler.clock): aged by it too,
+        # not by this web host's.
+        return super().get_queryset(request).annotate(database_now=Now())
+
+    @staticmethod
+    def _now(process: SchedulerProcess) -> datetime:
+        return getattr(process, "database_now", None) or timezone.now()
+
     @admin.display(boolean=True, description="alive")
     def alive(self, process: SchedulerProcess) -> bool:
-        return process.is_alive(timezone.now(), get("LOST_AFTER_SECONDS"))
+        return process.is_alive(self._now(process), get("LOST_AFTER_SECONDS"))
 
     @admin.display(description="heartbeat age", ordering="-last_heartbeat_at")
     def heartbeat_age(self, process: SchedulerProcess) -> str:
-        return seconds((timezone.now() - process.last_heartbeat_at).total_seconds())
+        return seconds((self._now(process) - process.last_heartbeat_at).total_seconds())
 
 
 def _description(expression: str) -> str:

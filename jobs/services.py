@@ -7,12 +7,12 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import IntegrityError, transaction
-from django.utils import timezone as django_timezone
 from rest_framework import serializers
 
 from . import schedule
 from .executors import UnknownJobType, get_executor, job_type_names
 from .models import Job, JobRun
+from .scheduler.clock import database_now
 from .scheduler.notify import notify_schedulers
 
 SCHEDULE_FIELDS = frozenset({"cron_expression", "timezone", "enabled"})
@@ -120,7 +120,7 @@ def _next_run_at(job: Job, now: datetime) -> datetime | None:
 
 def job_create(*, now: datetime | None = None, **fields: Any) -> Job:
     """Create a job with its first fire time computed."""
-    now = now or django_timezone.now()
+    now = now or database_now()  # the schedulers' clock, not this host's
     job = Job(**fields)
     _apply_clean(job)
     job.next_run_at = _next_run_at(job, now)
@@ -132,7 +132,7 @@ def job_create(*, now: datetime | None = None, **fields: Any) -> Job:
 
 def job_update(job: Job, *, now: datetime | None = None, **fields: Any) -> Job:
     """Change a job; its next fire time is recomputed when the schedule, zone or enabled flag changes."""
-    now = now or django_timezone.now()
+    now = now or database_now()  # the schedulers' clock, not this host's
     for name, value in fields.items():
         setattr(job, name, value)
     _apply_clean(job)
@@ -168,7 +168,7 @@ def job_delete(job: Job) -> None:
 
 def job_trigger(job: Job, *, now: datetime | None = None) -> JobRun:
     """Queue a manual run to start as soon as a scheduler has a free slot."""
-    now = now or django_timezone.now()
+    now = now or database_now()  # the schedulers' clock, not this host's
     for _ in range(5):
         try:
             with transaction.atomic():

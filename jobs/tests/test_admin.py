@@ -690,3 +690,17 @@ def test_the_admin_checks_what_its_user_may_schedule(make_job: MakeJob) -> None:
     )
     assert "auth.view_user" in client.post(reverse("admin:jobs_job_add"), export).content.decode()
     assert not Job.objects.filter(job_type="data_processing").exists()
+
+
+@pytest.mark.postgres
+def test_heartbeats_are_aged_by_the_database_clock_not_the_web_hosts(admin_client: Client, monkeypatch) -> None:
+    from jobs.scheduler.clock import database_now
+
+    beat = database_now()
+    SchedulerProcess.objects.create(hostname="fresh", pid=1, started_at=beat, last_heartbeat_at=beat)
+    real = timezone.now
+    monkeypatch.setattr(timezone, "now", lambda: real() + timedelta(seconds=90))  # this host runs ahead
+    response = admin_client.get(reverse("admin:jobs_schedulerprocess_changelist"))
+    cl = response.context["cl"]
+    assert [cl.model_admin.alive(process) for process in cl.result_list] == [True]
+    assert "1 min" not in response.content.decode()

@@ -252,3 +252,21 @@ def test_update_from_a_stale_copy_keeps_the_last_run_the_scheduler_recorded() ->
     job_update(stale, name="renamed")
     fresh = Job.objects.get(pk=job.pk)
     assert (fresh.name, fresh.last_run_status, fresh.last_run_at) == ("renamed", "failed", job.created_at)
+
+
+@pytest.mark.postgres
+def test_writes_go_by_the_database_clock_not_the_web_hosts(db: None, monkeypatch) -> None:
+    """A web host 90 s ahead would queue a "run now" 90 s into the schedulers' future and
+    compute a new job's first fire after a time that has not come yet."""
+    from django.utils import timezone
+
+    from jobs.scheduler.clock import database_now
+
+    real = timezone.now
+    monkeypatch.setattr(timezone, "now", lambda: real() + timedelta(seconds=90))
+    before = database_now()
+    job = services.job_create(name="x", cron_expression="* * * * * *", job_type="test_noop")
+    run = services.job_trigger(job)
+    after = database_now()
+    assert before <= run.not_before <= after
+    assert job.next_run_at is not None and job.next_run_at <= after + timedelta(seconds=1)
