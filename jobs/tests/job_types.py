@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -84,3 +85,36 @@ class OddResultExecutor(Executor):
         if run.job.parameters.get("raise"):
             raise ExecutorError("bad\x00byte")
         return {"ratio": float("nan"), "body": "binary\x00body", "key\x00": 1}
+
+
+class AppendParameters(serializers.Serializer):
+    path = serializers.CharField()
+    seconds = serializers.FloatField(min_value=0, max_value=60, default=0.0)
+
+
+class AppendExecutor(Executor):
+    """Leave one line per execution in a file, so fault tests can count what really ran."""
+
+    name = "test_append"
+    description = "Sleeps for `seconds`, then appends one line (job, fire, attempt, run, pid) to `path`."
+    parameters_serializer = AppendParameters
+    parameters_example = {"path": "/tmp/test-append.txt", "seconds": 0}
+    safe_to_repeat = True
+
+    def execute(self, run: Any) -> dict[str, Any]:
+        parameters = self.parameters_for(run)
+        time.sleep(parameters["seconds"])
+        line = f"{run.job_id} {run.scheduled_for.isoformat()} {run.attempt} {run.pk} {os.getpid()}\n"
+        # One write on an O_APPEND descriptor: lines from several processes never interleave.
+        fd = os.open(parameters["path"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+        return {"ok": True}
+
+
+class UnsafeAppendExecutor(AppendExecutor):
+    name = "test_append_unsafe"
+    description = "Appends one line like test_append; not safe to repeat."
+    safe_to_repeat = False

@@ -11,6 +11,8 @@ TEST_EXECUTORS = [
     "jobs.tests.job_types.FlakyExecutor",
     "jobs.tests.job_types.HangExecutor",
     "jobs.tests.job_types.OddResultExecutor",
+    "jobs.tests.job_types.AppendExecutor",
+    "jobs.tests.job_types.UnsafeAppendExecutor",
 ]
 JOBS = {**JOBS, "EXECUTORS": [*JOBS.get("EXECUTORS", []), *TEST_EXECUTORS]}
 
