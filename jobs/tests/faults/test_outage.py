@@ -85,6 +85,23 @@ def test_an_outage_does_not_make_healthy_schedulers_presume_each_other_dead(
     assert Counter(line.run_id for line in lines) == Counter(run_ids), details
     assert all(pids[workers[line.run_id]] == line.pid for line in lines), details
     assert fleet.presumed_dead_lines() == [], details
+    for proc in fleet.procs:
+        # No log flood: per thread that talks to the database (the loop, the LISTEN connection)
+        # the first error with its traceback, then one line per retry as it backs off (0.5 s,
+        # then 1 s: a quarter of lost_after), then one line saying how long it lasted.
+        log = fleet.log_of(proc)
+        lines = log.splitlines()
+        retries = [line for line in lines if "retrying in" in line]
+        # Records with a traceback: a record's first line followed by one (a chained exception
+        # shows several "Traceback" headers inside one record).
+        with_traceback = [
+            line
+            for line, after in zip(lines, lines[1:], strict=False)
+            if line[:4].isdigit() and after.startswith("Traceback")
+        ]
+        assert len(with_traceback) <= 2, log
+        assert len(retries) <= 2 * (outage / 0.5 + 2), log
+        assert "database available again after" in log, log
     statuses = fleet.stop_all(timeout=OPTIONS.grace + 10)
     assert set(statuses.values()) == {0}, f"{statuses}\n{fleet.logs(tail=30)}"
 
