@@ -90,13 +90,13 @@ def test_an_outage_does_not_make_healthy_schedulers_presume_each_other_dead(
         # the first error with its traceback, then one line per retry as it backs off (0.5 s,
         # then 1 s: a quarter of lost_after), then one line saying how long it lasted.
         log = fleet.log_of(proc)
-        lines = log.splitlines()
-        retries = [line for line in lines if "retrying in" in line]
+        records = log.splitlines()
+        retries = [line for line in records if "retrying in" in line]
         # Records with a traceback: a record's first line followed by one (a chained exception
         # shows several "Traceback" headers inside one record).
         with_traceback = [
             line
-            for line, after in zip(lines, lines[1:], strict=False)
+            for line, after in zip(records, records[1:], strict=False)
             if line[:4].isdigit() and after.startswith("Traceback")
         ]
         assert len(with_traceback) <= 2, log
