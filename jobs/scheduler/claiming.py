@@ -248,8 +248,9 @@ def _expire_stale_runs(cursor: Any, now: datetime) -> int:
 def fire_due_jobs(*, now: datetime, limit: int = FIRE_BATCH) -> FireReport:
     """Turn due jobs into runs and advance their next fire time, in one short transaction.
 
-    Three statements whatever the number of jobs: lock the due jobs (with whether each has an
-    active run), insert the runs, advance the jobs. More only when their next fire times differ,
+    Four statements whatever the number of jobs: apply the misfire policy to queued runs past
+    their grace (normally none), lock the due jobs (with whether each has an active run), insert
+    the runs, advance the jobs. More only when their next fire times differ,
     or when some fires are not plain (missed fires, overlaps, skips) and need values of their own.
     Inside an outer transaction (on SQLite the engine claims the new runs in the same one) no
     savepoint is made.
