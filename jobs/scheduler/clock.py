@@ -59,12 +59,8 @@ class DatabaseClock:
 
     def sync(self) -> None:
         """Read the server's clock (one short statement) and note how far the host's is off."""
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT clock_timestamp()")
-            (server_time,) = cursor.fetchone()
+        server_time = _server_time()
         at, local = self._ticks(), self._local()
-        if server_time.tzinfo is None:
-            server_time = server_time.replace(tzinfo=UTC)
         self._anchor = (server_time, at)
         self.offset_seconds = (server_time - local).total_seconds()
         if abs(self.offset_seconds) > SKEW_WARNING_SECONDS and not self._warned:
@@ -80,8 +76,11 @@ class DatabaseClock:
 def database_now() -> datetime:
     """The database server's time now (one statement on PostgreSQL; the host's on SQLite), for
     the web process's judgements of heartbeats and due runs (/health, /metrics)."""
-    if connection.vendor != "postgresql":
-        return timezone.now()
+    return _server_time() if connection.vendor == "postgresql" else timezone.now()
+
+
+def _server_time() -> datetime:
+    """PostgreSQL: the server's time now, as an aware datetime."""
     with connection.cursor() as cursor:
         cursor.execute("SELECT clock_timestamp()")
         (server_time,) = cursor.fetchone()

@@ -147,7 +147,7 @@ class _Listener(_Helper):
                             self._on_notify()
             except Exception as exc:  # noqa: BLE001 - keep listening through database restarts
                 failures += 1
-                delay = min(RETRY_FIRST_SECONDS * 2 ** (failures - 1), RETRY_MAX_SECONDS)
+                delay = _retry_delay(failures, RETRY_MAX_SECONDS)
                 # The traceback once; while the database stays away, one line per try.
                 logger.warning(
                     "LISTEN connection failed (%s); retrying in %.1fs", _brief(exc), delay, exc_info=failures == 1
@@ -158,6 +158,11 @@ class _Listener(_Helper):
                     wrapper.close()
                 except Exception:  # noqa: BLE001 - the connection may already be gone
                     logger.debug("closing LISTEN connection failed", exc_info=True)
+
+
+def _retry_delay(failures: int, longest: float) -> float:
+    """Seconds before the next try after `failures` failures in a row: doubling, up to `longest`."""
+    return min(RETRY_FIRST_SECONDS * 2 ** (failures - 1), longest)
 
 
 def _brief(exc: BaseException) -> str:
@@ -225,7 +230,6 @@ class Engine:
         # Outcomes taken from finished or timed-out runs and not yet committed: a failed write
         # keeps them here for the next pass, so no outcome is ever dropped.
         self._unrecorded: list[runner.Outcome] = []
-        self._stopping = False
         # After a database error: runs this scheduler may have claimed without knowing it.
         self._release_unheld = False
         self._stop_requested_at: float | None = None
@@ -272,7 +276,6 @@ class Engine:
         if self._stopping:
             logger.warning("second stop signal: exiting now; unfinished runs will be recovered as lost")
             os._exit(1)
-        self._stopping = True
         self._stop_requested_at = time.monotonic()
         self._stop_requested.set()
         logger.info(
@@ -332,7 +335,7 @@ class Engine:
                 except Error as exc:  # DatabaseError, or InterfaceError on a connection gone under it
                     self._after_database_error()
                     failures += 1
-                    delay = min(RETRY_FIRST_SECONDS * 2 ** (failures - 1), self._retry_max())
+                    delay = _retry_delay(failures, self._retry_max())
                     if failures == 1:
                         failing_since = time.monotonic()
                         logger.error("database error in the scheduler loop; retrying in %.1fs", delay, exc_info=True)
@@ -348,13 +351,16 @@ class Engine:
                     # recovered as lost by the other schedulers.
                     if self._done_stopping():
                         break
-                    if self._stopping and self._stop_requested_at is not None:
-                        # Runs still going: look again when one ends (it wakes us) or the grace does.
-                        delay = min(delay, self._stop_requested_at + self.shutdown_grace - time.monotonic())
-                    self._wake.wait(max(delay, 0.0))
+                    # Stopping with runs still going: look again when one ends (it wakes us) or
+                    # the grace does.
+                    self._wake.wait(max(min(delay, self._grace_left()), 0.0))
         finally:
             self._shutdown()
         return 0
+
+    @property
+    def _stopping(self) -> bool:
+        return self._stop_requested.is_set()
 
     def _done_stopping(self) -> bool:
         return self._stopping and (not self._inflight or self._grace_over())
@@ -403,8 +409,14 @@ class Engine:
         self._notified = True
         self._wake.set()
 
+    def _grace_left(self) -> float:
+        """Seconds of the shutdown grace left (infinite before a stop is requested)."""
+        if self._stop_requested_at is None:
+            return float("inf")
+        return self._stop_requested_at + self.shutdown_grace - time.monotonic()
+
     def _grace_over(self) -> bool:
-        return self._stop_requested_at is not None and time.monotonic() - self._stop_requested_at >= self.shutdown_grace
+        return self._grace_left() <= 0
 
     def prune(self) -> int:
         """Prune the run history now, on this thread (`run_forever` prunes on its own thread)."""
