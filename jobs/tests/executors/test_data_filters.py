@@ -31,6 +31,8 @@ from jobs.executors import get_executor
 from jobs.models import Job, JobRun
 from jobs.processors.model_export import ALLOWED_LOOKUPS
 
+from .test_data_processing import flat
+
 # Date strings for date-time fields are accepted, read in the current time zone, with Django's warning.
 pytestmark = pytest.mark.filterwarnings("ignore:DateTimeField .* received a naive datetime:RuntimeWarning")
 
@@ -64,14 +66,6 @@ def dirs(tmp_path: Path) -> Iterator[Path]:
         JOBS={**settings.JOBS, "EXPORT_DIR": str(tmp_path / "exports"), "BACKUP_DIR": str(tmp_path / "backups")}
     ):
         yield tmp_path / "exports"
-
-
-def flat(detail: Any) -> str:
-    if isinstance(detail, dict):
-        return " | ".join(flat(value) for value in detail.values())
-    if isinstance(detail, list):
-        return " | ".join(flat(value) for value in detail)
-    return str(detail)
 
 
 def fields_of_each_kind(model: type[models.Model]) -> list[Any]:
