@@ -9,7 +9,7 @@ from typing import Any
 from django.db import DatabaseError, connection
 from django.utils import timezone
 
-from .conf import get
+from .conf import config
 from .models import JobRun, SchedulerProcess
 from .scheduler.clock import database_now
 
@@ -22,7 +22,7 @@ def health_report(*, require_scheduler: bool = True, now: datetime | None = None
     try:
         # Heartbeats are written by the database's clock (jobs.scheduler.clock): judged by it too.
         now = now or database_now()
-        fresh_after = now - timedelta(seconds=get("LOST_AFTER_SECONDS"))
+        fresh_after = now - timedelta(seconds=config().lost_after_seconds)
         schedulers = list(
             SchedulerProcess.objects.filter(stopped_at__isnull=True, last_heartbeat_at__gte=fresh_after).values(
                 "hostname", "pid", "started_at", "last_heartbeat_at"

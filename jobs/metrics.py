@@ -17,7 +17,7 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Met
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.registry import Collector
 
-from .conf import get
+from .conf import config
 from .models import Job, JobRun, SchedulerProcess
 from .scheduler.clock import database_now
 
@@ -82,7 +82,7 @@ class SchedulerCollector(Collector):
         alive.add_metric(
             [],
             SchedulerProcess.objects.filter(
-                stopped_at__isnull=True, last_heartbeat_at__gte=now - timedelta(seconds=get("LOST_AFTER_SECONDS"))
+                stopped_at__isnull=True, last_heartbeat_at__gte=now - timedelta(seconds=config().lost_after_seconds)
             ).count(),
         )
         yield alive

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 
 from django.db.models import Count, Q, QuerySet
 
-from .conf import get
+from .conf import config
 from .models import JobRun
 
 logger = logging.getLogger(__name__)
@@ -22,10 +22,11 @@ BATCH = 1000
 
 def prune_history(*, now: datetime, stop: Callable[[], bool] = lambda: False) -> int:
     """Prune runs as the settings say (`RUN_RETENTION_DAYS`, `RUN_RETENTION_PER_JOB`)."""
+    jobs = config()
     return prune_runs(
         now=now,
-        max_age=timedelta(days=get("RUN_RETENTION_DAYS")),
-        keep_per_job=get("RUN_RETENTION_PER_JOB"),
+        max_age=timedelta(days=jobs.run_retention_days),
+        keep_per_job=jobs.run_retention_per_job,
         stop=stop,
     )
 

@@ -303,3 +303,40 @@ def test_a_postgresql_connect_gives_up_after_10_seconds_unless_the_url_says_othe
     assert database_from_url("postgres://u@127.0.0.1:5432/x", base_dir=Path("/srv"))["OPTIONS"]["connect_timeout"] == 10
     chosen = database_from_url("postgres://u@127.0.0.1:5432/x?connect_timeout=3", base_dir=Path("/srv"))
     assert int(chosen["OPTIONS"]["connect_timeout"]) == 3
+
+
+MISSPELLED = "JOBS['LOST_AFTER_SECOND'] is not a setting of this app; did you mean 'LOST_AFTER_SECONDS'?"
+
+
+def with_jobs(tmp_path: Path, jobs: str) -> dict[str, str]:
+    """Write a settings module that changes JOBS; return the variables that select it."""
+    (tmp_path / "changed_settings.py").write_text(f"from jobs.tests.settings import *  # noqa: F403\n\nJOBS = {jobs}\n")
+    return {"DJANGO_SETTINGS_MODULE": "changed_settings", "PYTHONPATH": str(tmp_path)}
+
+
+def test_the_scheduler_started_with_a_misspelled_jobs_key_exits_2_naming_it(tmp_path: Path) -> None:
+    result = manage(tmp_path, "runscheduler", **with_jobs(tmp_path, '{**JOBS, "LOST_AFTER_SECOND": 60}'))
+
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"CommandError: {MISSPELLED}"]
+
+
+def test_the_wsgi_entry_point_refuses_a_misspelled_jobs_key_in_one_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", "import scheduler_project.wsgi"],
+        env={**environment(tmp_path), **with_jobs(tmp_path, '{**JOBS, "LOST_AFTER_SECOND": 60}')},
+        cwd=BASE_DIR,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"configuration error: {MISSPELLED}"]
+
+
+def test_check_names_a_misspelled_jobs_key(tmp_path: Path) -> None:
+    result = manage(tmp_path, "check", **with_jobs(tmp_path, '{**JOBS, "LOST_AFTER_SECOND": 60}'))
+
+    assert result.returncode == 1
+    assert f"(jobs.E006) {MISSPELLED}" in result.stderr

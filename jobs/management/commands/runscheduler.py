@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from jobs.conf import problems
+from jobs.checks import database_driver_problems
+from jobs.conf import InvalidConfig, JobsConfig, config, setting_label
 from jobs.scheduler.engine import Engine
+
+# The JobsConfig fields the command line overrides, and their flags.
+FLAGS = {
+    "max_concurrent_jobs": "--max-concurrent",
+    "heartbeat_seconds": "--heartbeat",
+    "lost_after_seconds": "--lost-after",
+    "shutdown_grace_seconds": "--grace",
+    "max_sleep_seconds": "--max-sleep",
+}
 
 
 class Command(BaseCommand):
@@ -28,31 +38,16 @@ class Command(BaseCommand):
         parser.add_argument("--max-sleep", type=float, help="Longest sleep between passes.")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        # One line naming the setting, exit status 2, before anything starts.
-        for problem in problems():
+        # One line naming the setting or flag, exit status 2, before anything starts.
+        try:
+            settings_config = config()
+        except ImproperlyConfigured as exc:
+            raise CommandError(str(exc), returncode=2) from exc
+        for problem in database_driver_problems():
             raise CommandError(problem, returncode=2)
         self.check(tags=["jobs", "models"])
-        for name in ("max_concurrent", "heartbeat", "lost_after", "grace", "max_sleep"):
-            value = options[name]
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise CommandError(
-                    f"--{name.replace('_', '-')} must be a finite number above 0, not {value}", returncode=2
-                )
-        engine = Engine(
-            max_concurrent=options["max_concurrent"],
-            heartbeat_seconds=options["heartbeat"],
-            lost_after=options["lost_after"],
-            shutdown_grace=options["grace"],
-            max_sleep=options["max_sleep"],
-        )
-        if engine.heartbeat_seconds * 2 > engine.lost_after:
-            # Others would presume it dead between heartbeats, and its claims need a heartbeat
-            # younger than half of the lost-after time.
-            raise CommandError(
-                f"--heartbeat ({engine.heartbeat_seconds:g}s) must be at most half of --lost-after "
-                f"({engine.lost_after:g}s); set HEARTBEAT_SECONDS and LOST_AFTER_SECONDS in JOBS to match",
-                returncode=2,
-            )
+        cfg = with_flags(settings_config, options)
+        engine = Engine(config=cfg)
         if options["once"]:
             try:
                 outcomes = engine.run_once()
@@ -63,3 +58,21 @@ class Command(BaseCommand):
             return
         engine.install_signal_handlers()
         engine.run_forever()
+
+
+def with_flags(base: JobsConfig, options: dict[str, Any]) -> JobsConfig:
+    """Return `base` with the flags given applied; raise CommandError naming the flags at fault."""
+    given = {name: options[flag[2:].replace("-", "_")] for name, flag in FLAGS.items()}
+    try:
+        return base.replace(**{name: value for name, value in given.items() if value is not None})
+    except InvalidConfig as exc:
+        problem = exc.problem
+        if len(problem.fields) == 1:
+            # argparse has made every flag a number: the one rule it can break is "finite and above 0".
+            message = f"{FLAGS[problem.fields[0]]} must be a finite number above 0, not {problem.value}"
+        else:
+            keys = " and ".join(name.upper() for name in problem.fields)
+            message = (
+                f"{problem.describe(lambda name: FLAGS.get(name, setting_label(name)))}; set {keys} in JOBS to match"
+            )
+        raise CommandError(message, returncode=2) from exc
