@@ -359,6 +359,19 @@ class AddressListField(serializers.ListField):
         return addresses
 
 
+def _body_field(*, max_length: int, help_text: str) -> serializers.CharField:
+    """Return an optional body template field, kept exactly as written (no trimming)."""
+    return serializers.CharField(
+        required=False,
+        allow_blank=True,
+        default="",
+        trim_whitespace=False,
+        max_length=max_length,
+        validators=[_template],
+        help_text=help_text,
+    )
+
+
 class EmailParameters(serializers.Serializer):
     recipient = AddressListField(
         min_length=1, max_length=100, help_text='One address or a list; "Name <a@example.com>" works too.'
@@ -368,22 +381,11 @@ class EmailParameters(serializers.Serializer):
         validators=[_no_line_breaks, _template],
         help_text="One line; Django template syntax, e.g. \"{{ job.name }} for {{ run.scheduled_for|date:'Y-m-d' }}\".",
     )
-    body = serializers.CharField(
-        required=False,
-        allow_blank=True,
-        default="",
-        trim_whitespace=False,
-        max_length=100_000,
-        validators=[_template],
-        help_text="Plain-text body; Django template syntax with {{ job.* }} and {{ run.* }}.",
+    body = _body_field(
+        max_length=100_000, help_text="Plain-text body; Django template syntax with {{ job.* }} and {{ run.* }}."
     )
-    html_body = serializers.CharField(
-        required=False,
-        allow_blank=True,
-        default="",
-        trim_whitespace=False,
+    html_body = _body_field(
         max_length=500_000,
-        validators=[_template],
         help_text="Optional HTML alternative (variables are HTML-escaped). The plain body defaults to its text.",
     )
     cc = AddressListField(required=False, default=list, max_length=100)

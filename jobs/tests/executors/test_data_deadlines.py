@@ -18,9 +18,9 @@ from django.test import override_settings
 
 from jobs.executors import get_executor
 from jobs.executors.base import RunTimedOut
+from jobs.executors.data_processing import database_backup, model_export
+from jobs.executors.data_processing.outputs import HashingWriter
 from jobs.models import JobRun
-from jobs.processors import database_backup, model_export
-from jobs.processors.outputs import HashingWriter
 
 MakeRun = Callable[..., JobRun]
 TIMEOUT = 1

@@ -28,8 +28,8 @@ from django.test import override_settings
 from rest_framework import serializers
 
 from jobs.executors import get_executor
+from jobs.executors.data_processing.model_export import ALLOWED_LOOKUPS
 from jobs.models import Job, JobRun
-from jobs.processors.model_export import ALLOWED_LOOKUPS
 
 from .test_data_processing import flat
 

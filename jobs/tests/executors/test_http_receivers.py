@@ -25,10 +25,11 @@ import pytest
 from django.utils import timezone
 
 from jobs import services
+from jobs.conf import problems
 from jobs.executors import get_executor
 from jobs.executors.base import OutcomeUnknown
-from jobs.executors.http_request import HttpRequestError
 from jobs.models import JobRun
+from jobs.net import HttpRequestError
 from jobs.scheduler import runner
 from jobs.scheduler.engine import Engine
 from jobs.tests.executors.conftest import FakeDNS, allow, jobs_settings
@@ -463,13 +464,16 @@ def test_an_unreadable_ca_bundle_fails_the_run_naming_the_setting(
     not_pem.write_text("not a certificate")
     run = run_of(make_run, url=tls_receiver.url(host="secure.test", scheme="https"))
 
-    for path in (tmp_path / "missing.pem", not_pem):
-        with (
-            jobs_settings(HTTP_ALLOWED_HOSTS=["secure.test"], HTTP_CA_BUNDLE=str(path)),
-            pytest.raises(HttpRequestError, match=re.escape(f"JOBS['HTTP_CA_BUNDLE'] ({path}) cannot be loaded")),
-        ):
-            get_executor("http_request").execute(run)
+    with (
+        jobs_settings(HTTP_ALLOWED_HOSTS=["secure.test"], HTTP_CA_BUNDLE=str(not_pem)),
+        pytest.raises(HttpRequestError, match=re.escape(f"JOBS['HTTP_CA_BUNDLE'] ({not_pem}) cannot be loaded")),
+    ):
+        get_executor("http_request").execute(run)
     assert tls_receiver.deliveries == []
+    # A file that is not there does not get that far: start-up refuses it (jobs.conf).
+    missing = tmp_path / "missing.pem"
+    with jobs_settings(HTTP_CA_BUNDLE=str(missing)):
+        assert problems() == [f"JOBS['HTTP_CA_BUNDLE']: {str(missing)!r} is not a readable file"]
 
 
 # --- deadlines: the limit covers the whole request, and the run's timeout bounds it too ---------

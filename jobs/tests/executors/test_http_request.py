@@ -31,8 +31,9 @@ from rest_framework import serializers
 
 from jobs import services
 from jobs.executors import get_executor
-from jobs.executors.http_request import BlockedAddress, HttpRequestError, address_refusal
 from jobs.models import Job, JobRun
+from jobs.net import BlockedAddress, HttpRequestError
+from jobs.net.guard import address_refusal
 from jobs.scheduler import runner
 from jobs.tests.executors.conftest import FakeDNS, allow, jobs_settings
 

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 from django.test import override_settings
 from rest_framework import serializers
 
 from jobs import services
+from jobs.conf import config, problems
 from jobs.executors import ExecutorError, get_executor
+from jobs.executors.data_processing import outputs
 from jobs.models import Job, JobRun
-from jobs.processors import outputs
 
 MakeRun = Callable[..., JobRun]
 DATASETS = {"database_backup": "BACKUP_DIR", "model_export": "EXPORT_DIR"}
@@ -143,13 +146,15 @@ def test_allowed_output_dirs_are_resolved_too(dirs: dict[str, Path], tmp_path: P
 
 @pytest.mark.django_db
 @pytest.mark.parametrize("setting", [["relative/path"], "/one/string", [3]])
-def test_a_broken_allowed_output_dirs_setting_is_a_validation_error_not_a_crash(
+def test_a_broken_allowed_output_dirs_setting_is_refused_at_start_up_naming_it(
     setting: Any, dirs: dict[str, Path]
 ) -> None:
     with override_settings(JOBS={**settings.JOBS, "ALLOWED_OUTPUT_DIRS": setting}):
-        message = refusal({**EXPORT, "directory": "sub"})
+        found = problems()
+        with pytest.raises(ImproperlyConfigured, match=re.escape("JOBS['ALLOWED_OUTPUT_DIRS']")):
+            config()
 
-    assert "ALLOWED_OUTPUT_DIRS" in message
+    assert len(found) == 1 and found[0].startswith("JOBS['ALLOWED_OUTPUT_DIRS']: ")
 
 
 @pytest.mark.django_db

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import io
-import json
 import logging
-import re
-import shlex
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,12 +16,10 @@ from django.test import override_settings
 from rest_framework.test import APIClient
 
 from jobs.executors import get_executor, job_type_names
-from jobs.models import Job, JobRun
+from jobs.models import JobRun
 
 BROKEN = "jobs.tests.executors.broken_types"
 SAMPLE_EXECUTOR = "jobs.tests.executors.sample_executor.LogMessageExecutor"
-HERE = Path(__file__).parent
-DOCS = Path(settings.BASE_DIR) / "README.md"
 
 
 def jobs_settings(**overrides: Any) -> override_settings:
@@ -51,7 +46,7 @@ def test_the_shipped_configuration_passes_the_checks() -> None:
         ([f"{BROKEN}.TakesEmailsName"], "reuses the job type name 'email_notification'"),
         ([f"{BROKEN}.NotASerializer"], "parameters_serializer must be a rest_framework Serializer class"),
         ([f"{BROKEN}.ExplodesOnCreate"], "cannot create 'jobs.tests.executors.broken_types.ExplodesOnCreate'"),
-        ("jobs.tests.executors.sample_executor.LogMessageExecutor", "must be a list of dotted paths"),
+        ("jobs.tests.executors.sample_executor.LogMessageExecutor", "(jobs.E006) JOBS['EXECUTORS']: must be a list"),
     ],
 )
 def test_a_broken_job_type_stops_start_up(executors: Any, message: str) -> None:
@@ -101,45 +96,6 @@ def test_a_job_type_from_settings_is_created_listed_and_run(
     assert result == {"logged": "still alive", "level": "warning"}
     logged = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "jobs.sample"]
     assert logged == [("WARNING", f"still alive (job {run.job_id})")]
-
-
-# --- README.md job types -------------------------------------------------------------------------
-
-
-def code_blocks(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", DOCS.read_text(), flags=re.DOTALL)
-
-
-def test_the_documented_examples_are_the_tested_files() -> None:
-    python = code_blocks("python")
-
-    assert (HERE / "sample_executor.py").read_text() in python
-    assert (HERE / "sample_processors.py").read_text() in python
-
-
-def curl_bodies() -> list[dict[str, Any]]:
-    """Return the JSON bodies of the documented `curl -X POST .../jobs` commands, read as a shell would."""
-    bodies = []
-    for block in code_blocks("sh"):
-        argv = shlex.split(block.replace("\\\n", " "))
-        assert argv[:4] == ["curl", "-X", "POST", "http://127.0.0.1:8000/jobs"], argv
-        assert argv[4:6] == ["-H", "Authorization: Token $TOKEN"]
-        assert argv[6:8] == ["-H", "Content-Type: application/json"]
-        assert argv[8] == "-d" and len(argv) == 10, argv
-        bodies.append(json.loads(argv[9]))
-    return bodies
-
-
-@pytest.mark.django_db
-def test_every_documented_curl_example_creates_its_job(api: APIClient) -> None:
-    bodies = curl_bodies()
-    assert {body["job_type"] for body in bodies} == {"email_notification", "data_processing", "http_request"}
-
-    for body in bodies:
-        response = api.post("/jobs", body, format="json")
-        assert response.status_code == 201, (body, response.json())
-
-    assert Job.objects.count() == len(bodies)
 
 
 def test_an_output_directory_inside_a_file_is_reported(tmp_path: Path) -> None:

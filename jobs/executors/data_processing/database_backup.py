@@ -21,7 +21,7 @@ from django.db import connections
 from django.utils import timezone
 from rest_framework import serializers
 
-from jobs.conf import get
+from jobs.conf import config
 from jobs.executors import ExecutorError
 from jobs.executors.base import RunTimedOut, seconds_left
 from jobs.executors.data_processing import DataProcessor
@@ -199,7 +199,7 @@ def backup_sqlite(alias: str, writer: HashingWriter, *, scratch: OutputDirectory
 
 def pg_dump_command(alias: str) -> tuple[list[str], dict[str, str]]:
     """Return the pg_dump argv and environment that connect as Django's `alias` connection does."""
-    executable = get("PG_DUMP")
+    executable = config().pg_dump
     found = shutil.which(executable)
     if found is None:
         raise ExecutorError(

@@ -1,23 +1,24 @@
-"""data_processing: run a registered data processor named by the `dataset` parameter."""
+"""data_processing: run a registered data processor named by the `dataset` parameter.
+
+The processors this project ships are the other modules of this package, one each
+(`outputs` is what they share); apps add theirs with JOBS["DATA_PROCESSORS"].
+"""
 
 from __future__ import annotations
 
-from functools import cache
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from django.core.signals import setting_changed
-from django.dispatch import receiver
 from rest_framework import serializers
 
-from .base import Executor, ExecutorError, RegistryError
+from ..base import Executor, ExecutorError
+from ..registry import Registry
 
 if TYPE_CHECKING:
     from jobs.models import Job, JobRun
 
-# The processors this project ships; apps add theirs with JOBS["DATA_PROCESSORS"].
 BUILTIN_PROCESSORS: list[str] = [
-    "jobs.processors.database_backup.DatabaseBackup",
-    "jobs.processors.model_export.ModelExport",
+    "jobs.executors.data_processing.database_backup.DatabaseBackup",
+    "jobs.executors.data_processing.model_export.ModelExport",
 ]
 
 
@@ -49,29 +50,14 @@ class DataProcessor:
         raise NotImplementedError
 
 
-@cache
+PROCESSORS: Registry[DataProcessor] = Registry(
+    DataProcessor, "process", "DATA_PROCESSORS", BUILTIN_PROCESSORS, kind="data processor", name_label="dataset name"
+)
+
+
 def all_processors() -> dict[str, DataProcessor]:
     """Return every registered data processor by dataset name; raise RegistryError when one is broken."""
-    from jobs.conf import get
-
-    from . import _instantiate, load_class
-
-    paths = get("DATA_PROCESSORS")
-    if isinstance(paths, str) or not isinstance(paths, (list, tuple)):
-        raise RegistryError("JOBS['DATA_PROCESSORS'] must be a list of dotted paths")
-    registry: dict[str, DataProcessor] = {}
-    for path in [*BUILTIN_PROCESSORS, *paths]:
-        cls = load_class(path, DataProcessor, "process", "data processor")
-        if cls.name in registry:
-            raise RegistryError(f"{path!r} reuses the dataset name {cls.name!r}")
-        registry[cls.name] = _instantiate(cls, path)
-    return registry
-
-
-@receiver(setting_changed)
-def _reset(setting: str, **kwargs: object) -> None:
-    if setting == "JOBS":
-        all_processors.cache_clear()
+    return PROCESSORS.all()
 
 
 def _known_datasets() -> str:

@@ -25,7 +25,7 @@ from typing import IO, Any
 
 from rest_framework import serializers
 
-from jobs.conf import get
+from jobs.conf import config
 from jobs.executors import ExecutorError
 
 TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"
@@ -45,17 +45,9 @@ class OutsideOutputDirs(ValueError):
 
 def allowed_roots(setting: str) -> list[Path]:
     """Return the real paths a processor using JOBS[setting] may write under: that setting, then ALLOWED_OUTPUT_DIRS."""
-    base = get(setting)
-    if not isinstance(base, str | os.PathLike) or not str(base):
-        raise OutputConfigError(f"JOBS[{setting!r}] must be a directory path")
-    extra = get("ALLOWED_OUTPUT_DIRS")
-    if isinstance(extra, str) or not isinstance(extra, list | tuple):
-        raise OutputConfigError("JOBS['ALLOWED_OUTPUT_DIRS'] must be a list of absolute paths")
+    base = getattr(config(), setting.lower())  # checked at start-up (jobs.conf)
     roots = [Path(os.path.realpath(os.path.abspath(base)))]
-    for entry in extra:
-        if not isinstance(entry, str | os.PathLike) or not os.path.isabs(entry):
-            raise OutputConfigError(f"JOBS['ALLOWED_OUTPUT_DIRS'] entries must be absolute paths, not {entry!r}")
-        roots.append(Path(os.path.realpath(entry)))
+    roots += [Path(os.path.realpath(entry)) for entry in config().allowed_output_dirs]
     return roots
 
 
@@ -66,7 +58,7 @@ def resolve_directory(setting: str, directory: str | None) -> tuple[Path, Path]:
     one of the allowed roots, OutputConfigError when the settings are unusable.
     """
     roots = allowed_roots(setting)
-    base = os.path.abspath(get(setting))
+    base = os.path.abspath(getattr(config(), setting.lower()))
     target = Path(os.path.realpath(os.path.join(base, directory) if directory else base))
     for root in roots:
         if target == root or target.is_relative_to(root):
