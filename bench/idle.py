@@ -125,7 +125,7 @@ def load_jobs(have: int, want: int) -> None:
 
 
 def scan_plans(vendor: str) -> dict[str, str]:
-    """How the database runs the scheduler's two scans of the jobs table (as in jobs/scheduler/claiming.py)."""
+    """How the database runs the scheduler's two scans of the jobs table (as in jobs/scheduler/store/sql.py)."""
     from django.utils import timezone
 
     from jobs.models import Job

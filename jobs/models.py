@@ -14,6 +14,11 @@ def default_timezone() -> str:
     return str(settings.TIME_ZONE)
 
 
+def policy_field(default: models.TextChoices, *, help_text: str) -> models.CharField[str, str]:
+    """Return the field for a job policy: one of the choices `default` belongs to."""
+    return models.CharField(max_length=16, choices=type(default).choices, default=default, help_text=help_text)
+
+
 class JobQuerySet(models.QuerySet["Job"]):
     def due(self, now: datetime) -> JobQuerySet:
         """Enabled jobs whose next fire time has come."""
@@ -49,10 +54,8 @@ class Job(models.Model):
     job_type = models.CharField(max_length=100, help_text="Which executor runs the job; see /job-types.")
     parameters = models.JSONField(default=dict, blank=True, help_text="Settings for the job type.")
     enabled = models.BooleanField(default=True, help_text="Disabled jobs never fire.")
-    misfire_policy = models.CharField(
-        max_length=16,
-        choices=MisfirePolicy.choices,
-        default=MisfirePolicy.RUN_ONCE,
+    misfire_policy = policy_field(
+        MisfirePolicy.RUN_ONCE,
         help_text="What to do with fires missed while no scheduler ran (or that started too late).",
     )
     misfire_grace_seconds = models.PositiveIntegerField(
@@ -60,11 +63,8 @@ class Job(models.Model):
         validators=[MaxValueValidator(7 * 24 * 3600)],
         help_text="A fire started later than this after its time counts as missed.",
     )
-    overlap_policy = models.CharField(
-        max_length=16,
-        choices=OverlapPolicy.choices,
-        default=OverlapPolicy.FORBID,
-        help_text="Whether a fire may start while an earlier run of the job is still active.",
+    overlap_policy = policy_field(
+        OverlapPolicy.FORBID, help_text="Whether a fire may start while an earlier run of the job is still active."
     )
     max_retries = models.PositiveSmallIntegerField(
         default=0,
@@ -121,6 +121,21 @@ class Job(models.Model):
         return self.name
 
 
+def heartbeat_cutoff(now: datetime, lost_after: float) -> datetime:
+    """The liveness rule: a scheduler not stopped whose last heartbeat is at or after this time is
+    alive; one with an older heartbeat is stale (presumed dead once the evidence agrees, see
+    jobs.scheduler.liveness). `now` and the heartbeats are the database's clock."""
+    return now - timedelta(seconds=lost_after)
+
+
+class SchedulerProcessQuerySet(models.QuerySet["SchedulerProcess"]):
+    def alive(self, now: datetime, lost_after: float) -> SchedulerProcessQuerySet:
+        return self.filter(stopped_at__isnull=True, last_heartbeat_at__gte=heartbeat_cutoff(now, lost_after))
+
+    def stale(self, now: datetime, lost_after: float) -> SchedulerProcessQuerySet:
+        return self.filter(stopped_at__isnull=True, last_heartbeat_at__lt=heartbeat_cutoff(now, lost_after))
+
+
 class SchedulerProcess(models.Model):
     """One running (or stopped) `manage.py runscheduler`."""
 
@@ -131,6 +146,8 @@ class SchedulerProcess(models.Model):
     last_heartbeat_at = models.DateTimeField(db_index=True)
     stopped_at = models.DateTimeField(null=True, blank=True)
 
+    objects = SchedulerProcessQuerySet.as_manager()
+
     class Meta:
         ordering = ["-started_at"]
         verbose_name_plural = "scheduler processes"
@@ -139,7 +156,7 @@ class SchedulerProcess(models.Model):
         return f"{self.hostname}:{self.pid}"
 
     def is_alive(self, now: datetime, lost_after: float) -> bool:
-        return self.stopped_at is None and self.last_heartbeat_at >= now - timedelta(seconds=lost_after)
+        return self.stopped_at is None and self.last_heartbeat_at >= heartbeat_cutoff(now, lost_after)
 
 
 class JobRunQuerySet(models.QuerySet["JobRun"]):

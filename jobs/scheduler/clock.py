@@ -17,9 +17,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
-from django.db import connection
 from django.utils import timezone
 
 logger = logging.getLogger("jobs.scheduler")
@@ -43,7 +42,14 @@ class DatabaseClock:
     round trip. Reading it is safe from any thread.
     """
 
-    def __init__(self, *, ticks: Callable[[], float] = _ticks, local: Callable[[], datetime] = timezone.now) -> None:
+    def __init__(
+        self,
+        *,
+        read: Callable[[], datetime],
+        ticks: Callable[[], float] = _ticks,
+        local: Callable[[], datetime] = timezone.now,
+    ) -> None:
+        self._read = read
         self._ticks = ticks
         self._local = local
         self._anchor: tuple[datetime, float] | None = None  # (server time, ticks when read)
@@ -59,7 +65,7 @@ class DatabaseClock:
 
     def sync(self) -> None:
         """Read the server's clock (one short statement) and note how far the host's is off."""
-        server_time = _server_time()
+        server_time = self._read()
         at, local = self._ticks(), self._local()
         self._anchor = (server_time, at)
         self.offset_seconds = (server_time - local).total_seconds()
@@ -74,19 +80,8 @@ class DatabaseClock:
 
 
 def database_now() -> datetime:
-    """The database server's time now (one statement on PostgreSQL; the host's on SQLite), for
-    the web process's judgements of heartbeats and due runs (/health, /metrics)."""
-    return _server_time() if connection.vendor == "postgresql" else timezone.now()
+    """The database's time now (one statement on PostgreSQL; the host's on SQLite), for the web
+    process's judgements of heartbeats and due runs (/health, /metrics)."""
+    from .store import get_store
 
-
-def _server_time() -> datetime:
-    """PostgreSQL: the server's time now, as an aware datetime."""
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT clock_timestamp()")
-        (server_time,) = cursor.fetchone()
-    return server_time if server_time.tzinfo is not None else server_time.replace(tzinfo=UTC)
-
-
-def scheduler_clock() -> Callable[[], datetime]:
-    """The clock a scheduler goes by: the database server's on PostgreSQL, the host's on SQLite."""
-    return DatabaseClock() if connection.vendor == "postgresql" else timezone.now
+    return get_store().now()

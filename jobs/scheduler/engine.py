@@ -1,11 +1,11 @@
 """The scheduler loop: fire due jobs, claim runs up to the free slots, run them, record outcomes.
 
 One engine per `manage.py runscheduler` process. Runs execute on worker threads, at most
-`max_concurrent` at once; the engine thread alone talks to the database about run lifecycles.
-Each pass writes back the runs that finished, fires due jobs and claims runs for the free
-slots, in a few statements whatever the number of runs. Between passes it sleeps until the next
-thing is due (bounded by `max_sleep`). On PostgreSQL a LISTEN connection wakes it as soon as a
-job or run changes; on SQLite it asks the database's commit counter a few times a second.
+`max_concurrent` at once; the engine thread alone talks to the database about run lifecycles,
+through its store (store/), which does each step in a few statements whatever the number of
+runs. Each pass writes back the runs that finished, fires due jobs and claims runs for the free
+slots. Between passes it sleeps until the next thing is due (see wake.py); the store's watcher
+wakes it when a job or run changes elsewhere.
 """
 
 from __future__ import annotations
@@ -19,18 +19,21 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
-from django.db import Error, close_old_connections, connection, connections, transaction
+from django.db import Error, close_old_connections, connection, connections
 
-from jobs.conf import get
+from jobs.conf import JobsConfig, config
 from jobs.models import SchedulerProcess
 from jobs.retention import prune_history
 
-from . import claiming, liveness, runner
-from .clock import DatabaseClock, scheduler_clock
-from .notify import CHANNEL, CommitWatcher, notify_schedulers
+from . import runner
+from .background import RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS, Helper, brief, retry_delay
+from .clock import DatabaseClock
+from .firing import FireReport
+from .store import FIRE_BATCH, Pass, get_store
+from .wake import Heartbeat, WakePlan
 
 logger = logging.getLogger("jobs.scheduler")
 
@@ -40,13 +43,6 @@ PRUNE_FIRST_AFTER_SECONDS = 60.0
 # When one run finishes while others are in flight, wait this long for them too, so that
 # short runs finishing together are written back (and their slots refilled) in one go.
 GATHER_SECONDS = 0.001
-# SQLite has no NOTIFY: this often, an idle scheduler asks whether another process committed.
-WATCH_SECONDS = 0.5
-# While the database is unavailable: the first retry after this long, each next one after twice
-# as long, up to a quarter of the lost-after time (so a scheduler is back well before anyone
-# judges it) and at most this long.
-RETRY_FIRST_SECONDS = 0.5
-RETRY_MAX_SECONDS = 5.0
 # After the grace, this long to write back what it can before the process exits regardless.
 FINAL_WRITE_SECONDS = 5.0
 
@@ -57,9 +53,48 @@ def _noted_by_the_wakeup_fd(signum: int, frame: Any) -> None:
 
 
 @dataclass
-class _Inflight:
+class Inflight:
     run: Any
     deadline: float  # time.monotonic() after which the run has timed out
+
+
+class Handover:
+    """Outcomes passed from the worker threads to the engine thread.
+
+    The engine is woken for the first outcome (to record it soon) and for the last one it
+    waits for (to record them all together), not for each one.
+    """
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        self._wake = wake
+        self._lock = threading.Condition()
+        self._done: list[runner.Outcome] = []
+        self._awaited = 0  # outcomes the engine waits for: its runs in flight
+
+    def awaiting(self, count: int) -> None:
+        """The engine has `count` runs in flight."""
+        with self._lock:
+            self._awaited = count
+
+    def put(self, outcome: runner.Outcome) -> None:
+        """A worker's run ended (called on the worker's thread)."""
+        with self._lock:
+            self._done.append(outcome)
+            last = len(self._done) >= self._awaited
+            if last:
+                self._lock.notify()
+            wake = last or len(self._done) == 1
+        if wake:
+            self._wake()
+
+    def take(self, gather_seconds: float) -> list[runner.Outcome]:
+        """The outcomes handed over; if some are, wait up to `gather_seconds` for the rest of the
+        runs in flight, so that short runs ending together are written back in one go."""
+        with self._lock:
+            if self._done:
+                self._lock.wait_for(lambda: len(self._done) >= self._awaited, gather_seconds)
+            done, self._done = self._done, []
+        return done
 
 
 class _Workers:
@@ -104,74 +139,7 @@ class _Workers:
                 self._idle += 1
 
 
-class _Helper(threading.Thread):
-    """A daemon thread beside the engine's loop, told to stop by `stop()`."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(name=name, daemon=True)
-        self._stop_event = threading.Event()
-
-    def stop(self) -> None:
-        self._stop_event.set()
-
-
-class _Listener(_Helper):
-    """Wake the engine when PostgreSQL delivers a NOTIFY on the scheduler channel."""
-
-    def __init__(self, on_notify: Callable[[], None]) -> None:
-        super().__init__("scheduler-listen")
-        self._on_notify = on_notify
-
-    def run(self) -> None:
-        import select
-
-        failures = 0
-        while not self._stop_event.is_set():
-            wrapper = connections.create_connection("default")
-            try:
-                wrapper.ensure_connection()
-                raw = wrapper.connection
-                raw.autocommit = True
-                with raw.cursor() as cursor:
-                    cursor.execute(f"LISTEN {CHANNEL}")
-                if failures:
-                    logger.info("LISTEN connection back after %d failed attempt(s)", failures)
-                    failures = 0
-                    self._on_notify()  # changes made meanwhile sent no notice this side saw
-                while not self._stop_event.is_set():
-                    readable, _, _ = select.select([raw], [], [], 1.0)
-                    if readable:
-                        raw.poll()
-                        if raw.notifies:
-                            raw.notifies.clear()
-                            self._on_notify()
-            except Exception as exc:  # noqa: BLE001 - keep listening through database restarts
-                failures += 1
-                delay = _retry_delay(failures, RETRY_MAX_SECONDS)
-                # The traceback once; while the database stays away, one line per try.
-                logger.warning(
-                    "LISTEN connection failed (%s); retrying in %.1fs", _brief(exc), delay, exc_info=failures == 1
-                )
-                self._stop_event.wait(delay)
-            finally:
-                try:
-                    wrapper.close()
-                except Exception:  # noqa: BLE001 - the connection may already be gone
-                    logger.debug("closing LISTEN connection failed", exc_info=True)
-
-
-def _retry_delay(failures: int, longest: float) -> float:
-    """Seconds before the next try after `failures` failures in a row: doubling, up to `longest`."""
-    return min(RETRY_FIRST_SECONDS * 2 ** (failures - 1), longest)
-
-
-def _brief(exc: BaseException) -> str:
-    """An exception as one line: its type and the first line of its message."""
-    message = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {message[0]}" if message else type(exc).__name__
-
-
-class _Pruner(_Helper):
+class _Pruner(Helper):
     """Prune the run history `first_after` seconds after start and then every `interval`
     seconds, on a connection of its own: a prune reads the whole runs table (a third of a second
     at three million runs on PostgreSQL here, half a second on SQLite), which on the engine
@@ -201,27 +169,29 @@ class Engine:
     def __init__(
         self,
         *,
-        max_concurrent: int | None = None,
+        config: JobsConfig | None = None,
         clock: Callable[[], datetime] | None = None,
+        max_concurrent: int | None = None,
         max_sleep: float | None = None,
         heartbeat_seconds: float | None = None,
         lost_after: float | None = None,
         shutdown_grace: float | None = None,
     ) -> None:
-        self.max_concurrent = max_concurrent or int(get("MAX_CONCURRENT_JOBS"))
+        settings = config or _config()
+        self.store = get_store()
+        self.max_concurrent = max_concurrent or settings.max_concurrent_jobs
         # Every time it writes or compares is the database's (see clock.py); tests pass their own.
-        self.clock = clock or scheduler_clock()
-        self.max_sleep = float(max_sleep if max_sleep is not None else get("MAX_SLEEP_SECONDS"))
-        self.heartbeat_seconds = float(heartbeat_seconds if heartbeat_seconds is not None else get("HEARTBEAT_SECONDS"))
-        self.lost_after = float(lost_after if lost_after is not None else get("LOST_AFTER_SECONDS"))
-        self.shutdown_grace = float(shutdown_grace if shutdown_grace is not None else get("SHUTDOWN_GRACE_SECONDS"))
+        self.clock = clock or self.store.clock()
+        self.max_sleep = _given(max_sleep, settings.max_sleep_seconds)
+        self.heartbeat_seconds = _given(heartbeat_seconds, settings.heartbeat_seconds)
+        self.lost_after = _given(lost_after, settings.lost_after_seconds)
+        self.shutdown_grace = _given(shutdown_grace, settings.shutdown_grace_seconds)
         self.process: SchedulerProcess | None = None
-        self._wake = threading.Event()
-        # Outcomes handed back by the worker threads, under `_finished`.
-        self._finished = threading.Condition()
-        self._done: list[runner.Outcome] = []
-        self._awaited = 0  # outcomes the engine waits for: its runs in flight
-        self._inflight: dict[int, _Inflight] = {}
+        self.wake_plan = WakePlan(self.max_sleep)
+        self.heartbeat = Heartbeat(self.heartbeat_seconds, self.lost_after)
+        self.wakeup = threading.Event()
+        self.handover = Handover(self.wakeup.set)
+        self.inflight: dict[int, Inflight] = {}
         # Timed-out runs whose threads still run (Python cannot stop a thread): their rows have
         # no finished_at until the thread ends, so forbid-overlap jobs do not fire meanwhile.
         self._lingering: dict[int, Any] = {}
@@ -229,27 +199,20 @@ class Engine:
         self._workers = _Workers(self._work)
         # Outcomes taken from finished or timed-out runs and not yet committed: a failed write
         # keeps them here for the next pass, so no outcome is ever dropped.
-        self._unrecorded: list[runner.Outcome] = []
+        self.unrecorded: list[runner.Outcome] = []
         # After a database error: runs this scheduler may have claimed without knowing it.
-        self._release_unheld = False
+        self.release_unheld = False
         self._stop_requested_at: float | None = None
-        self._next_heartbeat = 0.0
-        self._beat_at: datetime | None = None  # the last heartbeat written, by self.clock()
-        # time.monotonic() from which it may judge other schedulers dead: a full lost_after after
-        # it started or last recovered from a database error (None: not yet recovered).
-        self._judge_from: float | None = None
         self._stop_requested = threading.Event()
         self._exited = threading.Event()
-        self._listener: _Listener | None = None
+        self._watcher = self.store.watcher(self._changed_elsewhere)
         self._pruner: _Pruner | None = None
-        # What makes a pass look for due jobs and queued runs (rather than only record outcomes):
-        self._notified = False  # a NOTIFY said jobs or runs changed elsewhere
-        self._poll_at = 0.0  # time.monotonic() of the next look regardless (SQLite has no NOTIFY)
-        self._check_at: datetime | None = None  # earliest known next fire or queued run
-        self._check_stale = True  # _check_at must be read again before sleeping
-        self._check_has_queue = False  # it took queued runs into account
-        self._backlog = False  # the last claim filled every free slot, so more may be waiting
-        self._watcher = CommitWatcher() if connection.vendor == "sqlite" else None
+
+    # -- what tests and the command may look at --------------------------------------------------
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop_requested.is_set()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -264,24 +227,22 @@ class Engine:
             started_at=now,
             last_heartbeat_at=now,
         )
-        liveness.hold(self.process.pk, lost_after=self.lost_after)
-        self._beat_at = now
-        self._next_heartbeat = time.monotonic() + self.heartbeat_seconds
-        self._judge_from = time.monotonic() + self.lost_after
+        self.store.hold_liveness(self.process.pk, lost_after=self.lost_after)
+        self.heartbeat.registered(now, time.monotonic())
         logger.info("scheduler %s started: %s slots, database %s", self.process, self.max_concurrent, connection.vendor)
         return self.process
 
     def request_stop(self) -> None:
         """Stop claiming and let running jobs finish (first call); exit at once (second call)."""
-        if self._stopping:
+        if self.stopping:
             logger.warning("second stop signal: exiting now; unfinished runs will be recovered as lost")
             os._exit(1)
         self._stop_requested_at = time.monotonic()
         self._stop_requested.set()
         logger.info(
-            "stopping: no new runs; waiting up to %.0fs for %d running", self.shutdown_grace, len(self._inflight)
+            "stopping: no new runs; waiting up to %.0fs for %d running", self.shutdown_grace, len(self.inflight)
         )
-        self._wake.set()
+        self.wakeup.set()
 
     def install_signal_handlers(self) -> None:
         """Turn SIGTERM and SIGINT into `request_stop()` calls on a thread of their own.
@@ -307,11 +268,7 @@ class Engine:
     def run_forever(self) -> int:
         """Run passes until stopped; return the process exit status."""
         self.register()
-        if self._watcher is not None:
-            self._watcher.changed()  # the baseline: commits from here on wake it
-        if connection.vendor == "postgresql":
-            self._listener = _Listener(self._on_notify)
-            self._listener.start()
+        self._watcher.start()
         self._pruner = _Pruner(self.clock, first_after=PRUNE_FIRST_AFTER_SECONDS, interval=PRUNE_EVERY_SECONDS)
         self._pruner.start()
         threading.Thread(target=self._watchdog, name="scheduler-watchdog", daemon=True).start()
@@ -319,9 +276,9 @@ class Engine:
         failing_since = 0.0
         try:
             while True:
-                self._wake.clear()
+                self.wakeup.clear()
                 try:
-                    self._tick()
+                    self.tick()
                     if failures:
                         logger.warning(
                             "database available again after %.1fs (%d failed attempt(s))",
@@ -333,9 +290,9 @@ class Engine:
                         break
                     self._sleep()
                 except Error as exc:  # DatabaseError, or InterfaceError on a connection gone under it
-                    self._after_database_error()
+                    self.database_error()
                     failures += 1
-                    delay = _retry_delay(failures, self._retry_max())
+                    delay = retry_delay(failures, self._retry_max())
                     if failures == 1:
                         failing_since = time.monotonic()
                         logger.error("database error in the scheduler loop; retrying in %.1fs", delay, exc_info=True)
@@ -344,7 +301,7 @@ class Engine:
                         logger.warning(
                             "database still unavailable after %.0fs (%s); retrying in %.1fs",
                             time.monotonic() - failing_since,
-                            _brief(exc),
+                            brief(exc),
                             delay,
                         )
                     # A stop wins whatever the database does: runs it could not write back are
@@ -353,26 +310,25 @@ class Engine:
                         break
                     # Stopping with runs still going: look again when one ends (it wakes us) or
                     # the grace does.
-                    self._wake.wait(max(min(delay, self._grace_left()), 0.0))
+                    self.wakeup.wait(max(min(delay, self._grace_left()), 0.0))
         finally:
             self._shutdown()
         return 0
 
-    @property
-    def _stopping(self) -> bool:
-        return self._stop_requested.is_set()
-
     def _done_stopping(self) -> bool:
-        return self._stopping and (not self._inflight or self._grace_over())
+        return self.stopping and (not self.inflight or self._grace_left() <= 0)
 
     def _retry_max(self) -> float:
+        """The longest wait between retries while the database is unavailable: a quarter of the
+        lost-after time (so a scheduler is back well before anyone judges it), at most 5 s."""
         return max(RETRY_FIRST_SECONDS, min(RETRY_MAX_SECONDS, self.lost_after / 4))
 
-    def _after_database_error(self) -> None:
+    def database_error(self) -> None:
+        """A statement failed because the database went away: reconnect at the next pass."""
         # A claim may have committed without its reply reaching us.
-        self._release_unheld = True
+        self.release_unheld = True
         # Back from an outage, it cannot yet tell a dead scheduler from one still reconnecting.
-        self._judge_from = None
+        self.heartbeat.connection_lost()
         close_old_connections()
         connection.close()
 
@@ -392,12 +348,12 @@ class Engine:
         if self.process is None:
             self.register()
         outcomes: list[runner.Outcome] = []
-        self._tick(collect_into=outcomes)
-        while self._inflight:
-            wait = min(item.deadline for item in self._inflight.values()) - time.monotonic()
-            self._wake.wait(max(0.0, min(wait, 0.05)))
-            self._wake.clear()
-            self._take_outcomes()
+        self.tick(collect_into=outcomes)
+        while self.inflight:
+            wait = min(item.deadline for item in self.inflight.values()) - time.monotonic()
+            self.wakeup.wait(max(0.0, min(wait, 0.05)))
+            self.wakeup.clear()
+            self.take_outcomes()
             self._write(outcomes)
         return outcomes
 
@@ -405,9 +361,9 @@ class Engine:
         """Mark this scheduler stopped (after run_once)."""
         self._shutdown()
 
-    def _on_notify(self) -> None:
-        self._notified = True
-        self._wake.set()
+    def _changed_elsewhere(self) -> None:
+        self.wake_plan.changed_elsewhere()
+        self.wakeup.set()
 
     def _grace_left(self) -> float:
         """Seconds of the shutdown grace left (infinite before a stop is requested)."""
@@ -415,44 +371,41 @@ class Engine:
             return float("inf")
         return self._stop_requested_at + self.shutdown_grace - time.monotonic()
 
-    def _grace_over(self) -> bool:
-        return self._grace_left() <= 0
-
     def prune(self) -> int:
         """Prune the run history now, on this thread (`run_forever` prunes on its own thread)."""
         return prune_history(now=self.clock())
 
     def _shutdown(self) -> None:
-        for helper in (self._listener, self._pruner):
+        for helper in (self._watcher, self._pruner):
             if helper is not None:
                 helper.stop()
         try:
-            self._take_outcomes()
+            self.take_outcomes()
             self._write([])
             self._record_late_ends()
             if self._lingering:
                 # Their threads die with this process.
-                runner.record_late_ends(
+                self.store.record_late_ends(
                     [
                         runner.Outcome(run, "failed", self.clock(), error="the scheduler stopped while it still ran")
                         for run in self._lingering.values()
                     ]
                 )
-            if self._inflight:
+            if self.inflight:
                 logger.warning(
                     "grace period over with %d run(s) unfinished; other schedulers will mark them lost",
-                    len(self._inflight),
+                    len(self.inflight),
                 )
             if self.process is not None:
                 SchedulerProcess.objects.filter(pk=self.process.pk).update(stopped_at=self.clock())
         except Error:
             logger.exception("could not record the shutdown (is the database down?)")
-            if self._unrecorded:
+            if self.unrecorded:
                 logger.error(
                     "%d finished run(s) could not be written back; other schedulers will mark them lost",
-                    len(self._unrecorded),
+                    len(self.unrecorded),
                 )
-        for helper in (self._listener, self._pruner):
+        for helper in (self._watcher, self._pruner):
             if helper is not None:
                 helper.join(timeout=2.0)
         if not connection.in_atomic_block:
@@ -462,124 +415,81 @@ class Engine:
 
     # -- one pass ------------------------------------------------------------------------------
 
-    def _tick(self, collect_into: list[runner.Outcome] | None = None) -> None:
+    def tick(self, collect_into: list[runner.Outcome] | None = None) -> None:
+        """One pass: take finished runs, write them back, fire and claim as due, heartbeat."""
         sink: list[runner.Outcome] = collect_into if collect_into is not None else []
-        self._take_outcomes()
+        self.take_outcomes()
         assert self.process is not None
         # After a reconnect the new session takes the liveness lock (a dictionary look-up otherwise).
-        liveness.hold(self.process.pk, lost_after=self.lost_after)
-        if self._release_unheld:
-            held = set(self._inflight) | {outcome.run.pk for outcome in self._unrecorded}
-            claiming.release_unheld_runs(worker_id=self.process.pk, held=held, now=self.clock())
-            self._release_unheld = False
-        if self._beat_at is not None and self.clock() - self._beat_at > timedelta(seconds=self.lost_after / 4):
-            # Paused or cut off (the wall clock moved on, perhaps not the monotonic one): claims
-            # need a fresh heartbeat, or a new identity if another presumed this one dead.
-            self._heartbeat()
+        self.store.hold_liveness(self.process.pk, lost_after=self.lost_after)
+        if self.release_unheld:
+            held = set(self.inflight) | {outcome.run.pk for outcome in self.unrecorded}
+            self.store.release_unheld_runs(worker_id=self.process.pk, held=held, now=self.clock())
+            self.release_unheld = False
+        if self.heartbeat.needed_before_claiming(self.clock()):
+            self.beat()
         # Before the pass too, so that a job whose lingering run just ended can fire in it.
         self._record_late_ends()
         self._pass(sink)
         self._record_late_ends()
         # After the pass, so that a heartbeat falling due with a fire does not delay it.
-        if time.monotonic() >= self._next_heartbeat:
-            self._heartbeat()
-        if self._judge_from is None:
-            self._judge_from = time.monotonic() + self.lost_after
+        if self.heartbeat.due(time.monotonic()):
+            self.beat()
+        self.heartbeat.connected(time.monotonic())
 
     def _pass(self, sink: list[runner.Outcome]) -> None:
-        if self._stopping:
+        if self.stopping:
             self._write(sink)
             return
-        now = self.clock()
-        look = (
-            self._notified
-            or time.monotonic() >= self._poll_at
-            or (self._check_at is not None and now >= self._check_at)
-        )
-        if not look:
+        if not self.wake_plan.should_look(self.clock(), time.monotonic()):
             # Woken by a finished run: record it, and claim only if runs may be waiting.
-            self._write(sink, claim=self._backlog)
+            self._write(sink, claim=self.wake_plan.backlog)
             return
-        self._notified = False
-        self._poll_at = time.monotonic() + self.max_sleep
-        self._check_at = None
-        self._check_stale = True
-        report = self._write(sink, claim=True, fire=True)
-        queued = report.queued
-        while report.jobs >= claiming.FIRE_BATCH:
+        self.wake_plan.looking(time.monotonic())
+        fired = self._write(sink, claim=True, fire=True)
+        queued = fired.queued
+        while fired.jobs >= FIRE_BATCH:
             # More due jobs than one batch: fire the rest in transactions of their own.
-            report = claiming.fire_due_jobs(now=self.clock())
-            queued += report.queued
-            if report.queued:
-                self._backlog = True
-        if self._backlog:
+            fired = self.store.fire_due_jobs(now=self.clock())
+            queued += fired.queued
+            if fired.queued:
+                self.wake_plan.queued_more()
+        if self.wake_plan.backlog:
             self._write(sink, claim=True)
         if queued > self.max_concurrent:
             # More work than this process can take right now: wake the others.
-            notify_schedulers()
+            self.store.notify()
 
-    def _write(self, sink: list[runner.Outcome], *, claim: bool = False, fire: bool = False) -> claiming.FireReport:
+    def _write(self, sink: list[runner.Outcome], *, claim: bool = False, fire: bool = False) -> FireReport:
         """Record the taken outcomes, fire due jobs, claim runs for the free slots; start them."""
         assert self.process is not None
-        report = claiming.FireReport()
-        free = self.max_concurrent - len(self._inflight)
-        claim = claim and free > 0
-        if not (self._unrecorded or claim or fire):
-            return report
-        runs: list[Any] = []
-        worker_id = self.process.pk
-        try:
-            if connection.vendor == "sqlite":
-                # One IMMEDIATE transaction for the whole pass is cheaper than one per step.
-                with transaction.atomic():
-                    accepted = runner.record_outcomes(self._unrecorded, worker_id=worker_id)
-                    if fire:
-                        report = claiming.fire_due_jobs(now=self.clock())
-                    if claim:
-                        runs = claiming.claim_runs(
-                            worker_id=worker_id, slots=free, now=self.clock(), lost_after=self.lost_after
-                        )
-                self._recorded(accepted, sink)
-            elif claim and not fire and self._unrecorded and not any(map(runner.wants_retry, self._unrecorded)):
-                # PostgreSQL: writing back and claiming share one statement (one round trip,
-                # one commit).
-                write_back = runner.write_back_ctes(self._unrecorded, worker_id=worker_id)
-                recorded, runs = claiming.record_and_claim(
-                    write_back, worker_id=worker_id, slots=free, now=self.clock(), lost_after=self.lost_after
-                )
-                self._recorded(runner.accepted_outcomes(self._unrecorded, recorded), sink)
-            else:
-                # PostgreSQL, each step atomic on its own; what is written is let go at once, so
-                # a later step failing cannot send it twice. Outcomes are written before firing:
-                # a job whose run just ended must not have its next fire skipped as overlapping.
-                self._recorded(runner.record_outcomes(self._unrecorded, worker_id=worker_id), sink)
-                if fire:
-                    report = claiming.fire_due_jobs(now=self.clock())
-                if claim:
-                    runs = claiming.claim_runs(
-                        worker_id=worker_id, slots=free, now=self.clock(), lost_after=self.lost_after
-                    )
-        except runner.REFUSED_VALUES:
-            if not self._unrecorded:
-                raise
-            # Not a lost connection: the database refused a value. Write the outcomes one by
-            # one, each refused one as a failure saying why, so one cannot block the others.
-            logger.exception("writing back %d outcome(s) failed; writing them one by one", len(self._unrecorded))
-            self._recorded(runner.record_one_by_one(self._unrecorded, worker_id=worker_id), sink)
-            return report
-        if claim:
+        free = self.max_concurrent - len(self.inflight)
+        slots = free if claim and free > 0 else 0
+        if not (self.unrecorded or slots or fire):
+            return FireReport()
+        result = self.store.write_pass(
+            Pass(
+                self.unrecorded,
+                worker_id=self.process.pk,
+                clock=self.clock,
+                lost_after=self.lost_after,
+                fire=fire,
+                slots=slots,
+                recorded=lambda accepted: self._recorded(accepted, sink),
+            )
+        )
+        if slots:
             # A full claim means more runs may be waiting.
-            self._backlog = len(runs) == free
-        self._start(runs)
-        return report
+            self.wake_plan.claimed(len(result.claimed), slots)
+        self._start(result.claimed)
+        return result.fired
 
     def _recorded(self, accepted: list[runner.Outcome], sink: list[runner.Outcome]) -> None:
         """The taken outcomes are written: let them go, and log those that were accepted."""
-        self._unrecorded = []
+        self.unrecorded = []
         self._log_finished(accepted)
         sink.extend(accepted)
-        if any(outcome.status != "succeeded" for outcome in accepted):
-            self._check_stale = True  # a retry may now be queued; look for it when it is due
+        self.wake_plan.recorded(all(outcome.status == "succeeded" for outcome in accepted))
 
     def _start(self, runs: list[Any]) -> None:
         """Log the claimed runs as started, then hand them to worker threads.
@@ -602,9 +512,8 @@ class Engine:
                 extra={"job_id": run.job_id, "run_id": run.pk, "status": "running", "lateness_seconds": lateness},
             )
             run.deadline = now_mono + run.job.timeout_seconds  # executors bound their waits by it
-            self._inflight[run.pk] = _Inflight(run, run.deadline)
-        with self._finished:
-            self._awaited = len(self._inflight)
+            self.inflight[run.pk] = Inflight(run, run.deadline)
+        self.handover.awaiting(len(self.inflight))
         for run in runs:
             self._workers.submit(run)
 
@@ -618,55 +527,36 @@ class Engine:
             # The worker thread's own connection, if the executor used one, is not kept open
             # while the thread idles.
             connections.close_all()
-        self._hand_over(outcome)
+        self.handover.put(outcome)
 
-    def _hand_over(self, outcome: runner.Outcome) -> None:
-        """Give a worker's outcome to the engine thread.
-
-        The engine is woken for the first outcome (to record it soon) and for the last one it
-        waits for (to record them all together), not for each one.
-        """
-        with self._finished:
-            self._done.append(outcome)
-            last = len(self._done) >= self._awaited
-            if last:
-                self._finished.notify()
-            wake = last or len(self._done) == 1
-        if wake:
-            self._wake.set()
-
-    def _take_outcomes(self) -> None:
+    def take_outcomes(self) -> None:
         """Take the outcomes of finished runs and of runs past their timeout, freeing their slots.
 
         A run past its timeout is recorded timed_out at once and lingers until its thread (which
         cannot be killed) ends; the late outcome then only says when and how it ended.
         """
-        with self._finished:
-            if self._done:
-                self._finished.wait_for(lambda: len(self._done) >= self._awaited, GATHER_SECONDS)
-            done, self._done = self._done, []
+        done = self.handover.take(GATHER_SECONDS)
         for outcome in done:
-            if self._inflight.pop(outcome.run.pk, None) is not None:
-                self._unrecorded.append(outcome)
+            if self.inflight.pop(outcome.run.pk, None) is not None:
+                self.unrecorded.append(outcome)
             elif self._lingering.pop(outcome.run.pk, None) is not None:
                 self._late_ends.append(outcome)
         now_mono = time.monotonic()
-        expired = [run_id for run_id, item in self._inflight.items() if item.deadline <= now_mono]
+        expired = [run_id for run_id, item in self.inflight.items() if item.deadline <= now_mono]
         for run_id in expired:
-            run = self._inflight.pop(run_id).run
+            run = self.inflight.pop(run_id).run
             self._lingering[run_id] = run
-            self._unrecorded.append(runner.timed_out(run, self.clock()))
-        with self._finished:
-            self._awaited = len(self._inflight)
+            self.unrecorded.append(runner.timed_out(run, self.clock()))
+        self.handover.awaiting(len(self.inflight))
 
     def _record_late_ends(self) -> None:
         """Store the ends of lingering runs whose timed-out outcome is already written."""
         if not self._late_ends:
             return
-        unwritten = {outcome.run.pk for outcome in self._unrecorded}
+        unwritten = {outcome.run.pk for outcome in self.unrecorded}
         ready = [late for late in self._late_ends if late.run.pk not in unwritten]
         if ready:
-            runner.record_late_ends(ready)
+            self.store.record_late_ends(ready)
             self._late_ends = [late for late in self._late_ends if late.run.pk in unwritten]
 
     def _log_finished(self, accepted: list[runner.Outcome]) -> None:
@@ -689,57 +579,60 @@ class Engine:
                 },
             )
 
-    def _heartbeat(self) -> None:
+    def beat(self) -> None:
+        """Write a heartbeat; recover the runs of dead schedulers once it may judge them."""
         assert self.process is not None
         if isinstance(self.clock, DatabaseClock):
             self.clock.sync()
         now = self.clock()
-        self._next_heartbeat = time.monotonic() + self.heartbeat_seconds
+        self.heartbeat.beating(time.monotonic())
         alive = SchedulerProcess.objects.filter(pk=self.process.pk, stopped_at__isnull=True).update(
             last_heartbeat_at=now
         )
-        self._beat_at = now
+        self.heartbeat.written(now)
         if not alive:
             # Another scheduler presumed us dead and took our runs; carry on under a new identity.
             logger.error("scheduler %s was presumed dead by another scheduler; registering again", self.process)
             self.register()
             # Claims under the old identity took nothing (claiming refuses a stopped or stale
             # scheduler): look for due jobs and ready runs at once.
-            self._notified = True
-            self._wake.set()
-        judging = self._judge_from is not None and time.monotonic() >= self._judge_from
-        if judging and claiming.recover_lost_runs(now=now, lost_after=self.lost_after):
-            self._notified = True  # retries of lost runs may be waiting: look at once
-            self._wake.set()
+            self._changed_elsewhere()
+        if self.heartbeat.may_judge(time.monotonic()) and self.store.recover_lost_runs(
+            now=now, lost_after=self.lost_after
+        ):
+            self._changed_elsewhere()  # retries of lost runs may be waiting: look at once
 
     # -- sleeping ------------------------------------------------------------------------------
 
     def _sleep(self) -> None:
-        if self._stopping:
-            self._wake.wait(0.1)
+        if self.stopping:
+            self.wakeup.wait(0.1)
             return
         now_mono = time.monotonic()
-        timeout = min(self._poll_at - now_mono, self._next_heartbeat - now_mono)
-        if self._inflight:
-            timeout = min(timeout, min(item.deadline for item in self._inflight.values()) - now_mono)
-        free = len(self._inflight) < self.max_concurrent
-        include_queue = free and not self._backlog
-        if self._check_stale or (include_queue and not self._check_has_queue):
-            # Once per look (or when a slot frees for queued runs), not after every finished run:
-            # changes made elsewhere arrive by NOTIFY, the commit watcher or the poll.
-            self._check_at = claiming.next_wakeup(include_queue=include_queue)
-            self._check_stale, self._check_has_queue = False, include_queue
-        if self._check_at is not None:
-            timeout = min(timeout, (self._check_at - self.clock()).total_seconds())
-        # A floor, so a due row locked by another scheduler cannot make this loop spin.
-        deadline = now_mono + max(timeout, 0.002)
-        if self._watcher is None:
-            self._wake.wait(deadline - now_mono)
-            return
-        # SQLite: between passes, ask whether another process committed; only then look.
-        while not self._wake.wait(min(WATCH_SECONDS, max(deadline - time.monotonic(), 0.0))):
+        wake_by = self.heartbeat.next_at
+        if self.inflight:
+            wake_by = min(wake_by, min(item.deadline for item in self.inflight.values()))
+        timeout = self.wake_plan.sleep_seconds(
+            mono=now_mono,
+            clock=self.clock,
+            slots_free=len(self.inflight) < self.max_concurrent,
+            wake_by=wake_by,
+            next_due=lambda include_queue: self.store.next_wakeup(include_queue=include_queue),
+        )
+        deadline = now_mono + timeout
+        # Between passes, ask the watcher whether another process committed (SQLite, a few times
+        # a second); a watcher that wakes the engine itself is never asked.
+        while not self.wakeup.wait(min(self._watcher.poll_seconds, max(deadline - time.monotonic(), 0.0))):
             if time.monotonic() >= deadline:
                 return
             if self._watcher.changed():
-                self._notified = True  # the web process or another scheduler wrote something
+                self.wake_plan.changed_elsewhere()  # the web process or another scheduler wrote something
                 return
+
+
+def _config() -> JobsConfig:
+    return config()
+
+
+def _given(value: float | None, default: float) -> float:
+    return float(value if value is not None else default)

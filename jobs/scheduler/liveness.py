@@ -55,10 +55,8 @@ def hold(process_id: int, *, lost_after: float) -> bool:
     freeing the lock, within about two thirds of `lost_after` rather than after the kernel's
     default of two hours. Return False if the lock is held elsewhere (an earlier connection of
     this process the server has not noticed is gone yet): the caller tries again at its next
-    pass. On other databases there is no lock to hold.
+    pass.
     """
-    if connection.vendor != "postgresql":
-        return True
     connection.ensure_connection()
     raw = connection.connection
     if _holding.get(raw) == process_id:
@@ -80,20 +78,23 @@ def hold(process_id: int, *, lost_after: float) -> bool:
     return bool(taken)
 
 
-def presumed_dead(process: SchedulerProcess, *, now: datetime) -> bool:
-    """Whether a scheduler with a stale heartbeat is gone; call inside the recovery transaction.
+def session_open(process: SchedulerProcess) -> bool:
+    """PostgreSQL: whether the scheduler's session still holds its lock. When it does not, the
+    lock is now held by this transaction until it ends, so the scheduler cannot come back mid-way."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_try_advisory_xact_lock(%s, %s)", [LOCK_NAMESPACE, _key(process.pk)])
+        (free,) = cursor.fetchone()
+    return not free
 
-    On PostgreSQL a True answer also holds its lock until that transaction ends.
-    """
-    if connection.vendor == "postgresql":
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_try_advisory_xact_lock(%s, %s)", [LOCK_NAMESPACE, _key(process.pk)])
-            (free,) = cursor.fetchone()
-        alive = not free
-        evidence = "its database session is still open"
-    else:
-        alive = process.hostname == socket.gethostname() and _process_running(process.pid, process.started_at)
-        evidence = f"its process {process.pid} is still running on this host"
+
+def process_here(process: SchedulerProcess) -> bool:
+    """Whether the scheduler's process is still running on this host (SQLite's evidence)."""
+    return process.hostname == socket.gethostname() and _process_running(process.pid, process.started_at)
+
+
+def judged_dead(process: SchedulerProcess, *, alive: bool, evidence: str, now: datetime) -> bool:
+    """The verdict on a scheduler with a stale heartbeat, given the evidence; a scheduler silent
+    but alive is reported once (not at every heartbeat of its judge)."""
     if alive and process.pk not in _reported_alive:
         _reported_alive.add(process.pk)
         silent = (now - process.last_heartbeat_at).total_seconds()

@@ -1,4 +1,4 @@
-"""Firing due jobs, claiming runs, and recovering lost ones (jobs/scheduler/claiming.py)."""
+"""Firing due jobs, claiming runs, and recovering lost ones (jobs/scheduler/store/)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,30 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from django.db import connection, connections
 
 from jobs.models import Job, JobRun, SchedulerProcess
-from jobs.scheduler import claiming
+from jobs.scheduler.firing import BROKEN_SCHEDULE_RETRY
+from jobs.scheduler.store import RunStore, get_store
+from jobs.scheduler.store.rows import QUEUE_INDEX
+
+if TYPE_CHECKING:
+    from jobs.scheduler.store.postgres import PostgresStore
+
+
+def store() -> RunStore:
+    return get_store()
+
+
+def pg_store() -> PostgresStore:
+    from jobs.scheduler.store.postgres import PostgresStore
+
+    found = get_store()
+    assert isinstance(found, PostgresStore)
+    return found
 
 
 def _worker(now, **fields):
@@ -36,7 +53,7 @@ def test_downtime_follows_the_misfire_policy(make_job, now, policy, expected_sta
     job = make_job(now=now - timedelta(hours=3, minutes=30), cron="0 * * * *", misfire_policy=policy)
     assert job.next_run_at == now - timedelta(hours=3)
     later = now + timedelta(minutes=10)
-    report = claiming.fire_due_jobs(now=later)
+    report = store().fire_due_jobs(now=later)
     assert report.jobs == 1
     # 09:00, 10:00, 11:00 and 12:00 were missed: one row stands for all four.
     assert _runs(job) == [(now, expected_status, 3)]
@@ -48,7 +65,7 @@ def test_downtime_follows_the_misfire_policy(make_job, now, policy, expected_sta
 
 def test_fires_within_grace_all_run(make_job, now):
     job = make_job(now=now - timedelta(seconds=10), cron="* * * * * *", overlap_policy="allow")
-    claiming.fire_due_jobs(now=now)
+    store().fire_due_jobs(now=now)
     # Every second from now-9s to now, each a run of its own (all within the 60 s grace).
     assert [row[0] for row in _runs(job)] == [now - timedelta(seconds=s) for s in range(9, -1, -1)]
     assert {row[1] for row in _runs(job)} == {"queued"}
@@ -56,7 +73,7 @@ def test_fires_within_grace_all_run(make_job, now):
 
 def test_late_fires_beside_on_time_fires_are_counted_on_the_run_that_executes(make_job, now):
     job = make_job(now=now - timedelta(seconds=10), cron="* * * * * *", overlap_policy="allow", misfire_grace_seconds=3)
-    claiming.fire_due_jobs(now=now)
+    store().fire_due_jobs(now=now)
     # -9..-4 are late (more than 3 s): run_once folds them into the first on-time run; -3..0 run.
     assert _runs(job) == [(now - timedelta(seconds=3), "queued", 6)] + [
         (now - timedelta(seconds=s), "queued", 0) for s in (2, 1, 0)
@@ -71,7 +88,7 @@ def test_late_fires_beside_on_time_fires_under_skip_get_a_skipped_row(make_job, 
         misfire_grace_seconds=3,
         misfire_policy="skip",
     )
-    claiming.fire_due_jobs(now=now)
+    store().fire_due_jobs(now=now)
     rows = _runs(job)
     # -9..-4 are late: one skipped row for the latest of them says how many; -3..0 run.
     assert rows[0] == (now - timedelta(seconds=4), "skipped", 5)
@@ -82,7 +99,7 @@ def test_fires_due_together_under_forbid_run_the_latest_and_say_why_the_others_d
     """An outage shorter than the grace: nothing was running, so the earlier fires are not
     "overlap: the previous run is still active" but coalesced into the latest one."""
     job = make_job(now=now - timedelta(seconds=5), cron="* * * * * *")  # forbid, grace 60 s
-    claiming.fire_due_jobs(now=now)
+    store().fire_due_jobs(now=now)
     rows = list(job.runs.order_by("scheduled_for").values_list("scheduled_for", "status", "skip_reason"))
     assert [row[:2] for row in rows] == [(now - timedelta(seconds=s), "skipped") for s in (4, 3, 2, 1)] + [
         (now, "queued")
@@ -95,7 +112,7 @@ def test_a_long_outage_puts_the_missed_count_on_the_catch_up_run_that_executes(m
     """Missed beyond the grace and some within it, under forbid: the run that executes is the
     latest on-time fire, and it carries the missed count (not a skipped row)."""
     job = make_job(now=now - timedelta(seconds=100), cron="* * * * * *", misfire_grace_seconds=10)
-    claiming.fire_due_jobs(now=now)
+    store().fire_due_jobs(now=now)
     queued = job.runs.get(status="queued")
     assert (queued.scheduled_for, queued.missed_fires) == (now, 89)  # -99..-11 missed
     skipped = job.runs.filter(status="skipped")
@@ -106,7 +123,7 @@ def test_a_long_outage_puts_the_missed_count_on_the_catch_up_run_that_executes(m
 def test_overlap_forbid_skips_a_fire_while_a_run_is_active(make_job, now):
     job = make_job(now=now - timedelta(seconds=30))
     JobRun.objects.create(job=job, scheduled_for=now - timedelta(minutes=5), not_before=now, status="running")
-    claiming.fire_due_jobs(now=now)
+    store().fire_due_jobs(now=now)
     fire = job.runs.get(scheduled_for=now)
     assert fire.status == "skipped" and fire.skip_reason.startswith("overlap")
 
@@ -114,16 +131,16 @@ def test_overlap_forbid_skips_a_fire_while_a_run_is_active(make_job, now):
 def test_overlap_allow_queues_beside_an_active_run(make_job, now):
     job = make_job(now=now - timedelta(seconds=30), overlap_policy="allow")
     JobRun.objects.create(job=job, scheduled_for=now - timedelta(minutes=5), not_before=now, status="running")
-    claiming.fire_due_jobs(now=now)
+    store().fire_due_jobs(now=now)
     assert job.runs.get(scheduled_for=now).status == "queued"
 
 
 def test_a_fire_cannot_be_recorded_twice(make_job, now):
     job = make_job(now=now - timedelta(seconds=30))
-    claiming.fire_due_jobs(now=now)
+    store().fire_due_jobs(now=now)
     # Put the schedule back as if a stale process had not seen the advance: no second row.
     Job.objects.filter(pk=job.pk).update(next_run_at=now)
-    claiming.fire_due_jobs(now=now)
+    store().fire_due_jobs(now=now)
     assert job.runs.count() == 1
 
 
@@ -137,7 +154,7 @@ def test_plain_and_other_fires_in_one_batch_are_each_recorded_in_full(make_job, 
     busy = make_job(now=now - timedelta(seconds=30), name="busy")
     JobRun.objects.create(job=busy, scheduled_for=now - timedelta(minutes=5), not_before=now, status="running")
     with CaptureQueriesContext(connection) as captured:
-        report = claiming.fire_due_jobs(now=now)
+        report = store().fire_due_jobs(now=now)
     inserts = [query["sql"] for query in captured.captured_queries if query["sql"].startswith("INSERT")]
     assert len(inserts) == 2 and "SELECT id, next_run_at" in inserts[0] and "VALUES" in inserts[1]
     assert (report.jobs, report.queued, report.skipped) == (5, 4, 1)
@@ -166,7 +183,7 @@ def test_the_fire_reads_jobs_and_active_runs_through_their_partial_indexes(make_
 
     make_job(now=now - timedelta(seconds=30))
     with CaptureQueriesContext(connection) as captured:
-        claiming.fire_due_jobs(now=now)
+        store().fire_due_jobs(now=now)
     select = next(query["sql"] for query in captured.captured_queries if query["sql"].startswith("SELECT id, cron"))
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
@@ -182,12 +199,12 @@ def test_claim_takes_no_more_than_the_free_slots_and_never_twice(make_job, now):
     worker = _worker(now)
     for _ in range(5):
         make_job(now=now - timedelta(seconds=30), overlap_policy="allow")
-    claiming.fire_due_jobs(now=now)
-    first = claiming.claim_runs(worker_id=worker.pk, slots=2, now=now)
-    second = claiming.claim_runs(worker_id=worker.pk, slots=10, now=now)
+    store().fire_due_jobs(now=now)
+    first = store().claim_runs(worker_id=worker.pk, slots=2, now=now)
+    second = store().claim_runs(worker_id=worker.pk, slots=10, now=now)
     assert len(first) == 2 and len(second) == 3
     assert not {run.pk for run in first} & {run.pk for run in second}
-    assert claiming.claim_runs(worker_id=worker.pk, slots=10, now=now) == []
+    assert store().claim_runs(worker_id=worker.pk, slots=10, now=now) == []
     assert JobRun.objects.filter(status="running", worker=worker).count() == 5
 
 
@@ -196,8 +213,8 @@ def test_claimed_runs_and_jobs_hold_exactly_what_the_orm_would_load(make_job, no
     must equal what the ORM reads (aware datetimes in UTC, decoded JSON, booleans)."""
     worker = _worker(now)
     make_job(now=now - timedelta(seconds=30), job_type="test_sleep", parameters={"seconds": 0.5}, name="j")
-    claiming.fire_due_jobs(now=now)
-    (run,) = claiming.claim_runs(worker_id=worker.pk, slots=1, now=now + timedelta(microseconds=123456))
+    store().fire_due_jobs(now=now)
+    (run,) = store().claim_runs(worker_id=worker.pk, slots=1, now=now + timedelta(microseconds=123456))
     fresh = JobRun.objects.select_related("job").get(pk=run.pk)
     for model_instance, orm_instance in ((run, fresh), (run.job, fresh.job)):
         for field in type(orm_instance)._meta.concrete_fields:
@@ -212,8 +229,8 @@ def test_claim_respects_not_before(make_job, now):
     worker = _worker(now)
     job = make_job(now=now, cron="0 0 1 1 *")
     JobRun.objects.create(job=job, scheduled_for=now, not_before=now + timedelta(seconds=5), trigger="retry", attempt=2)
-    assert claiming.claim_runs(worker_id=worker.pk, slots=5, now=now) == []
-    assert len(claiming.claim_runs(worker_id=worker.pk, slots=5, now=now + timedelta(seconds=5))) == 1
+    assert store().claim_runs(worker_id=worker.pk, slots=5, now=now) == []
+    assert len(store().claim_runs(worker_id=worker.pk, slots=5, now=now + timedelta(seconds=5))) == 1
 
 
 @contextlib.contextmanager
@@ -260,14 +277,14 @@ def test_postgres_skips_a_run_locked_by_another_connection(make_job, now):
     worker = _worker(now)
     for _ in range(3):
         make_job(now=now - timedelta(seconds=30), overlap_policy="allow")
-    claiming.fire_due_jobs(now=now)
+    store().fire_due_jobs(now=now)
     locked_id = JobRun.objects.order_by("not_before", "id").values_list("id", flat=True).first()
     with _other_transaction(("SELECT id FROM jobs_jobrun WHERE id = %s FOR UPDATE", [locked_id])):
-        claimed = claiming.claim_runs(worker_id=worker.pk, slots=10, now=now)
+        claimed = store().claim_runs(worker_id=worker.pk, slots=10, now=now)
         assert len(claimed) == 2
         assert locked_id not in {run.pk for run in claimed}
     # Once released, the skipped run is claimable.
-    assert [run.pk for run in claiming.claim_runs(worker_id=worker.pk, slots=10, now=now)] == [locked_id]
+    assert [run.pk for run in store().claim_runs(worker_id=worker.pk, slots=10, now=now)] == [locked_id]
     assert connection.vendor == "postgresql"
 
 
@@ -275,10 +292,10 @@ def test_a_scheduler_presumed_dead_claims_nothing(make_job, now):
     """Its runs are being recovered as lost under that identity: it must register anew first."""
     dead, alive = _worker(now, stopped_at=now), _worker(now)
     make_job(now=now - timedelta(seconds=30))
-    claiming.fire_due_jobs(now=now)
-    assert claiming.claim_runs(worker_id=dead.pk, slots=5, now=now) == []
+    store().fire_due_jobs(now=now)
+    assert store().claim_runs(worker_id=dead.pk, slots=5, now=now) == []
     assert JobRun.objects.get().status == "queued"
-    (run,) = claiming.claim_runs(worker_id=alive.pk, slots=5, now=now)
+    (run,) = store().claim_runs(worker_id=alive.pk, slots=5, now=now)
     assert run.worker_id == alive.pk
 
 
@@ -288,11 +305,11 @@ def test_a_scheduler_whose_heartbeat_is_stale_claims_nothing_so_no_claim_can_be_
     stale = _worker(now, last_heartbeat_at=now - timedelta(seconds=16))
     fresh = _worker(now, last_heartbeat_at=now - timedelta(seconds=14))
     make_job(now=now - timedelta(seconds=30))
-    claiming.fire_due_jobs(now=now)
-    assert claiming.claim_runs(worker_id=stale.pk, slots=5, now=now) == []
-    (run,) = claiming.claim_runs(worker_id=fresh.pk, slots=5, now=now)
+    store().fire_due_jobs(now=now)
+    assert store().claim_runs(worker_id=stale.pk, slots=5, now=now) == []
+    (run,) = store().claim_runs(worker_id=fresh.pk, slots=5, now=now)
     # The latest moment before its next heartbeat: nobody may take the run away yet.
-    assert claiming.recover_lost_runs(now=now + timedelta(seconds=15.9), lost_after=30) == []
+    assert store().recover_lost_runs(now=now + timedelta(seconds=15.9), lost_after=30) == []
     run.refresh_from_db()
     assert run.status == "running" and run.worker_id == fresh.pk
 
@@ -305,7 +322,7 @@ def test_postgres_a_claim_racing_crash_recovery_waits_for_it_and_then_claims_not
     run can be both recovered as lost and started under the old identity)."""
     worker = _worker(now)
     make_job(now=now - timedelta(seconds=30))
-    claiming.fire_due_jobs(now=now)
+    store().fire_due_jobs(now=now)
     recovery = (
         ("SELECT id FROM jobs_schedulerprocess WHERE id = %s FOR UPDATE SKIP LOCKED", [worker.pk]),
         ("UPDATE jobs_schedulerprocess SET stopped_at = now() WHERE id = %s", [worker.pk]),
@@ -313,7 +330,7 @@ def test_postgres_a_claim_racing_crash_recovery_waits_for_it_and_then_claims_not
     with _other_transaction(*recovery, commit=True) as commit:
         threading.Timer(0.5, commit.set).start()
         started = time.monotonic()
-        assert claiming.claim_runs(worker_id=worker.pk, slots=5, now=now) == []
+        assert store().claim_runs(worker_id=worker.pk, slots=5, now=now) == []
         assert time.monotonic() - started >= 0.4  # it waited for the recovery's commit
     assert SchedulerProcess.objects.get(pk=worker.pk).stopped_at is not None
     assert JobRun.objects.get().status == "queued"
@@ -331,7 +348,7 @@ def test_runs_of_a_dead_scheduler_become_lost_and_safe_ones_retry(make_job, now,
     kept = JobRun.objects.create(
         job=job, scheduled_for=now - timedelta(hours=1), not_before=now, status="running", worker=alive
     )
-    recovered = claiming.recover_lost_runs(now=now, lost_after=30)
+    recovered = store().recover_lost_runs(now=now, lost_after=30)
     assert [run.pk for run in recovered] == [lost.pk]
     lost.refresh_from_db()
     kept.refresh_from_db()
@@ -357,13 +374,13 @@ def test_a_dead_schedulers_lingering_runs_end_with_it_and_their_job_fires_again(
     timed_out = {"status": "timed_out", "started_at": now - timedelta(minutes=5), "not_before": now}
     gone = JobRun.objects.create(job=job, scheduled_for=now - timedelta(minutes=5), worker=dead, **timed_out)
     still = JobRun.objects.create(job=other, scheduled_for=now - timedelta(minutes=5), worker=alive, **timed_out)
-    claiming.recover_lost_runs(now=now, lost_after=30)
+    store().recover_lost_runs(now=now, lost_after=30)
     gone.refresh_from_db()
     still.refresh_from_db()
     assert gone.finished_at == now and "ended when its scheduler stopped" in gone.error
     assert still.finished_at is None  # its scheduler lives: its thread may still run
     # The job whose thread died fires; the other still counts as running (overlap forbidden).
-    claiming.fire_due_jobs(now=now)
+    store().fire_due_jobs(now=now)
     assert JobRun.objects.get(job=job, scheduled_for=now).status == "queued"
     fired = JobRun.objects.get(job=other, scheduled_for=now)
     assert fired.status == "skipped" and fired.skip_reason.startswith("overlap")
@@ -373,7 +390,7 @@ def test_a_lost_run_is_retried_only_once_when_max_retries_is_zero(make_job, now)
     dead = _worker(now, last_heartbeat_at=now - timedelta(seconds=60))
     job = make_job(now=now, cron="0 0 1 1 *", job_type="test_sleep")
     JobRun.objects.create(job=job, scheduled_for=now, attempt=2, not_before=now, status="running", worker=dead)
-    claiming.recover_lost_runs(now=now, lost_after=30)
+    store().recover_lost_runs(now=now, lost_after=30)
     assert not job.runs.filter(attempt=3).exists()
 
 
@@ -381,8 +398,8 @@ def test_claimed_runs_store_times_as_the_orm_does(make_job, now):
     # Raw SQL must store datetimes in the ORM's format, or exact and range filters would miss.
     worker = _worker(now)
     job = make_job(now=now - timedelta(seconds=30), overlap_policy="allow")
-    claiming.fire_due_jobs(now=now)
-    [run] = claiming.claim_runs(worker_id=worker.pk, slots=5, now=now)
+    store().fire_due_jobs(now=now)
+    [run] = store().claim_runs(worker_id=worker.pk, slots=5, now=now)
     assert JobRun.objects.filter(pk=run.pk, started_at=now, status="running").exists()
     assert JobRun.objects.filter(pk=run.pk, scheduled_for=run.scheduled_for, not_before__lte=now).exists()
     job.refresh_from_db()
@@ -398,8 +415,8 @@ def test_postgres_records_outcomes_and_claims_in_one_statement(make_job, now):
 
     worker = _worker(now)
     jobs = [make_job(now=now - timedelta(seconds=30), overlap_policy="allow", name=f"j{i}") for i in range(5)]
-    claiming.fire_due_jobs(now=now)
-    first = claiming.claim_runs(worker_id=worker.pk, slots=3, now=now)
+    store().fire_due_jobs(now=now)
+    first = store().claim_runs(worker_id=worker.pk, slots=3, now=now)
     # The third was presumed lost meanwhile: the fence must refuse its outcome.
     JobRun.objects.filter(pk=first[2].pk).update(status="lost")
     later = now + timedelta(seconds=2)
@@ -408,9 +425,8 @@ def test_postgres_records_outcomes_and_claims_in_one_statement(make_job, now):
         runner.Outcome(first[1], "failed", later, error="boom"),
         runner.Outcome(first[2], "succeeded", later),
     ]
-    write_back = runner.write_back_ctes(outcomes, worker_id=worker.pk)
     with CaptureQueriesContext(connection) as captured:
-        recorded, claimed = claiming.record_and_claim(write_back, worker_id=worker.pk, slots=5, now=later)
+        recorded, claimed = pg_store().record_and_claim(outcomes, worker_id=worker.pk, slots=5, now=later)
     assert len(captured.captured_queries) == 1
     assert recorded == {first[0].pk, first[1].pk}
     assert len(claimed) == 2 and {run.job_id for run in claimed} <= {job.pk for job in jobs}
@@ -422,9 +438,7 @@ def test_postgres_records_outcomes_and_claims_in_one_statement(make_job, now):
     assert Job.objects.get(pk=first[1].job_id).last_run_status == "failed"
     # Nothing left to claim: the ids written still come back.
     done = [runner.Outcome(run, "succeeded", later) for run in claimed]
-    recorded, claimed = claiming.record_and_claim(
-        runner.write_back_ctes(done, worker_id=worker.pk), worker_id=worker.pk, slots=5, now=later
-    )
+    recorded, claimed = pg_store().record_and_claim(done, worker_id=worker.pk, slots=5, now=later)
     assert recorded == {outcome.run.pk for outcome in done} and claimed == []
 
 
@@ -446,9 +460,9 @@ def test_postgres_prepares_the_pass_once_and_prepares_again_when_the_session_los
     worker = _worker(now)
     for i in range(8):
         make_job(now=now - timedelta(seconds=30), overlap_policy="allow", name=f"j{i}")
-    claiming.fire_due_jobs(now=now)
+    store().fire_due_jobs(now=now)
     later = now + timedelta(seconds=1)
-    held = claiming.claim_runs(worker_id=worker.pk, slots=2, now=now)
+    held = store().claim_runs(worker_id=worker.pk, slots=2, now=now)
     results = [{"rows": 3, "note": "naïve ☃"}, "text", [1, 2.5, None], None, 7, {"nested": {"a": [True]}}]
     written = {}
     for number, result in enumerate(results):
@@ -459,9 +473,7 @@ def test_postgres_prepares_the_pass_once_and_prepares_again_when_the_session_los
             with connection.cursor() as cursor:
                 cursor.execute("DEALLOCATE ALL")  # what DISCARD ALL or a new server session does
         with CaptureQueriesContext(connection) as captured:
-            recorded, held = claiming.record_and_claim(
-                runner.write_back_ctes(outcomes, worker_id=worker.pk), worker_id=worker.pk, slots=2, now=later
-            )
+            recorded, held = pg_store().record_and_claim(outcomes, worker_id=worker.pk, slots=2, now=later)
         statements = [query["sql"].split()[0] for query in captured.captured_queries]
         if number == 0:  # prepared here, unless an earlier test on this connection did
             assert statements in (["PREPARE", "EXECUTE"], ["EXECUTE"])
@@ -486,18 +498,14 @@ def test_postgres_prepares_again_when_a_migration_changed_a_column_under_the_sta
     statement is deallocated and prepared again, and the pass goes through."""
     from django.test.utils import CaptureQueriesContext
 
-    from jobs.scheduler import runner
-
     worker = _worker(now)
     for i in range(2):
         make_job(now=now - timedelta(seconds=30), overlap_policy="allow", name=f"j{i}")
-    claiming.fire_due_jobs(now=now)
+    store().fire_due_jobs(now=now)
 
     def claim_one() -> list[str]:
         with CaptureQueriesContext(connection) as captured:
-            _, held = claiming.record_and_claim(
-                runner.write_back_ctes([], worker_id=worker.pk), worker_id=worker.pk, slots=1, now=now
-            )
+            _, held = pg_store().record_and_claim([], worker_id=worker.pk, slots=1, now=now)
         assert len(held) == 1
         return [query["sql"].split()[0] for query in captured.captured_queries]
 
@@ -519,7 +527,7 @@ def test_postgres_goes_back_to_plain_statements_when_prepared_ones_keep_vanishin
     """Behind a pooler in transaction mode each statement may reach another server session."""
     worker = _worker(now)
     make_job(now=now - timedelta(seconds=30), overlap_policy="allow")
-    claiming.fire_due_jobs(now=now)
+    store().fire_due_jobs(now=now)
 
     def forget_before_execute(execute, sql, params, many, context):
         if sql.startswith("EXECUTE"):
@@ -530,17 +538,15 @@ def test_postgres_goes_back_to_plain_statements_when_prepared_ones_keep_vanishin
     from jobs.scheduler import runner
 
     with connection.execute_wrapper(forget_before_execute):
-        recorded, held = claiming.record_and_claim(
-            runner.write_back_ctes([], worker_id=worker.pk), worker_id=worker.pk, slots=1, now=now
-        )
+        recorded, held = pg_store().record_and_claim([], worker_id=worker.pk, slots=1, now=now)
     assert recorded == set() and len(held) == 1
     assert "using plain statements" in caplog.text
     # From then on this connection sends the statement as it is.
     from django.test.utils import CaptureQueriesContext
 
     with CaptureQueriesContext(connection) as captured:
-        claiming.record_and_claim(
-            runner.write_back_ctes([runner.Outcome(held[0], "succeeded", now)], worker_id=worker.pk),
+        pg_store().record_and_claim(
+            [runner.Outcome(held[0], "succeeded", now)],
             worker_id=worker.pk,
             slots=1,
             now=now,
@@ -555,16 +561,16 @@ def test_a_job_whose_schedule_cannot_be_computed_is_skipped_alone_and_tried_agai
     due_at = broken.next_run_at
     # Past the services' validation, as a raw UPDATE or a time zone missing from tzdata would be.
     Job.objects.filter(pk=broken.pk).update(timezone="Mars/Olympus_Mons")
-    report = claiming.fire_due_jobs(now=now)
+    report = store().fire_due_jobs(now=now)
     assert report.queued == 1 and JobRun.objects.get(status="queued").job_id == healthy.pk
     skipped = JobRun.objects.get(job=broken)
     assert (skipped.status, skipped.scheduled_for) == ("skipped", due_at)
     assert "schedule cannot be computed" in skipped.skip_reason and "Mars/Olympus_Mons" in skipped.skip_reason
     broken.refresh_from_db()
-    assert broken.next_run_at == now + claiming.BROKEN_SCHEDULE_RETRY
+    assert broken.next_run_at == now + BROKEN_SCHEDULE_RETRY
     assert f"job {broken.pk} not fired" in caplog.text
     # Not due again before then, so it cannot weigh on the passes in between.
-    assert claiming.fire_due_jobs(now=now + timedelta(minutes=1)).jobs == 1
+    assert store().fire_due_jobs(now=now + timedelta(minutes=1)).jobs == 1
 
 
 def test_the_runs_table_has_exactly_the_indexes_the_scheduler_needs(db):
@@ -601,7 +607,7 @@ def test_a_queued_run_past_its_grace_is_skipped_under_skip(make_job, now):
     fresh = _queued(
         make_job(now=now, cron="0 0 1 1 *", misfire_policy="skip", name="fresh"), now - timedelta(seconds=59)
     )
-    report = claiming.fire_due_jobs(now=now)
+    report = store().fire_due_jobs(now=now)
     stale.refresh_from_db()
     assert (stale.status, stale.finished_at) == ("skipped", now)
     assert stale.skip_reason == "misfire: not started within the grace (60s) after it was due"
@@ -613,7 +619,7 @@ def test_a_queued_run_past_its_grace_is_skipped_under_skip(make_job, now):
 def test_a_stale_queued_run_under_run_once_gives_way_to_a_later_fire(make_job, now):
     job = make_job(now=now - timedelta(minutes=1), cron="* * * * *", misfire_grace_seconds=60)
     stale = _queued(job, now - timedelta(minutes=10))
-    claiming.fire_due_jobs(now=now)
+    store().fire_due_jobs(now=now)
     stale.refresh_from_db()
     assert stale.status == "skipped" and "a later fire of the job runs instead" in stale.skip_reason
     assert job.runs.get(scheduled_for=now).status == "queued"
@@ -624,7 +630,7 @@ def test_a_stale_queued_run_under_run_once_runs_late_when_nothing_later_stands_f
     older = _queued(job, now - timedelta(minutes=20))
     newest = _queued(job, now - timedelta(minutes=10))
     manual = _queued(job, now - timedelta(minutes=30), trigger="manual", attempt=1)
-    claiming.fire_due_jobs(now=now)
+    store().fire_due_jobs(now=now)
     assert JobRun.objects.get(pk=older.pk).status == "skipped"  # the newest stands for it
     assert JobRun.objects.get(pk=newest.pk).status == "queued"  # the catch-up
     assert JobRun.objects.get(pk=manual.pk).status == "queued"  # someone asked for it
@@ -635,7 +641,7 @@ def test_looking_for_stale_queued_runs_reads_the_queue_index(make_job, now):
 
     make_job(now=now - timedelta(seconds=30))
     with CaptureQueriesContext(connection) as captured:
-        claiming.fire_due_jobs(now=now)
+        store().fire_due_jobs(now=now)
     select = (
         captured.captured_queries[0]["sql"]
         if connection.vendor == "sqlite"
@@ -649,7 +655,7 @@ def test_looking_for_stale_queued_runs_reads_the_queue_index(make_job, now):
         else:
             cursor.execute(f"EXPLAIN QUERY PLAN {select}")
         plan = " ".join(str(row[-1]) for row in cursor.fetchall())
-    assert claiming.QUEUE_INDEX in plan, plan
+    assert QUEUE_INDEX in plan, plan
 
 
 @pytest.mark.sqlite
@@ -680,7 +686,7 @@ def test_a_silent_scheduler_whose_process_is_alive_on_this_host_is_not_presumed_
             )
             for i, worker in enumerate((alive, reused, elsewhere))
         }
-        claiming.recover_lost_runs(now=now, lost_after=30)
+        store().recover_lost_runs(now=now, lost_after=30)
         status = {pk: JobRun.objects.get(pk=run.pk).status for pk, run in runs.items()}
         assert status == {alive.pk: "running", reused.pk: "lost", elsewhere.pk: "lost"}
         assert SchedulerProcess.objects.get(pk=alive.pk).stopped_at is None
@@ -695,7 +701,6 @@ def test_a_silent_scheduler_whose_process_is_alive_on_this_host_is_not_presumed_
 def test_a_silent_scheduler_holding_its_liveness_lock_is_not_presumed_dead(make_job, now):
     """PostgreSQL: a scheduler whose session lives (paused, or its heartbeat held up) holds its
     advisory lock; only once the session ends is it presumed dead."""
-    from jobs.scheduler import liveness
 
     silent = _worker(now, last_heartbeat_at=now - timedelta(seconds=31))
     job = make_job(now=now, cron="0 0 1 1 *", job_type="test_sleep")
@@ -703,7 +708,7 @@ def test_a_silent_scheduler_holding_its_liveness_lock_is_not_presumed_dead(make_
 
     def hold_in_another_session(release: threading.Event, held: threading.Event) -> None:
         try:
-            liveness.hold(silent.pk, lost_after=30)
+            store().hold_liveness(silent.pk, lost_after=30)
             with connection.cursor() as cursor:
                 cursor.execute("SELECT setting FROM pg_settings WHERE name LIKE 'tcp_keepalives_%%' ORDER BY name")
                 keepalives.extend(cursor.fetchall())
@@ -720,9 +725,9 @@ def test_a_silent_scheduler_holding_its_liveness_lock_is_not_presumed_dead(make_
         assert held.wait(10)
         # Its session's keepalives end it within 2/3 of lost_after should its host vanish.
         assert keepalives == [("3",), ("10",), ("3",)]
-        assert claiming.recover_lost_runs(now=now, lost_after=30) == []
+        assert store().recover_lost_runs(now=now, lost_after=30) == []
         assert JobRun.objects.get(pk=run.pk).status == "running"
     finally:
         release.set()
         thread.join(10)
-    assert [lost.pk for lost in claiming.recover_lost_runs(now=now, lost_after=30)] == [run.pk]
+    assert [lost.pk for lost in store().recover_lost_runs(now=now, lost_after=30)] == [run.pk]

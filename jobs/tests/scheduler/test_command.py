@@ -102,7 +102,7 @@ engine = Engine(max_concurrent=1)
 engine.install_signal_handlers()
 # The signal arrives while the main thread holds the wake-up event's lock, as it does for a
 # moment inside every Event.wait(): a handler that sets the event would wait for itself.
-with engine._wake._cond:
+with engine.wakeup._cond:  # threading.Event's lock
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(0.3)
 time.sleep(0.5)

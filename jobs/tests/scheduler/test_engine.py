@@ -10,7 +10,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from jobs.models import Job, JobRun, SchedulerProcess
-from jobs.scheduler.engine import _Inflight
+from jobs.scheduler.engine import Handover, Inflight
 
 
 def _due_now_and_not_again(make_job, **fields) -> Job:
@@ -195,7 +195,7 @@ def test_the_engine_reconnects_when_its_database_connection_is_cut_mid_run(make_
     assert Job.objects.get(pk=job.pk).last_run_status == "succeeded"
     assert "database error in the scheduler loop" in caplog.text
     # The error made it look for runs claimed without a reply; the run it held was not one.
-    assert engine._release_unheld is False and "run lost" not in caplog.text
+    assert engine.release_unheld is False and "run lost" not in caplog.text
 
 
 def test_results_no_database_can_hold_are_stored_and_block_nothing(make_job, engine_factory, now):
@@ -294,33 +294,45 @@ def test_a_quick_run_is_recorded_while_a_slow_one_runs_and_quick_ones_are_writte
     assert 2 <= len(writes) <= 3, writes
 
 
-def test_workers_wake_the_engine_for_the_first_and_the_last_outcome_only(make_job, engine_factory, now):
-    """The hand-over, without threads or timing: which outcomes wake the engine, and a late
-    outcome of an abandoned (timed-out) run is dropped."""
+def test_workers_wake_the_engine_for_the_first_and_the_last_outcome_only(make_job, now):
+    """The hand-over, without threads or timing: which outcomes wake the engine."""
     from jobs.scheduler import runner
 
     make_job(now=now - timedelta(seconds=30), overlap_policy="allow")
     job = Job.objects.get()
     runs = [JobRun.objects.create(job=job, scheduled_for=now, not_before=now, attempt=n) for n in range(1, 5)]
-    engine = engine_factory(now=now)
-    engine._inflight = {run.pk: _Inflight(run, time.monotonic() + 60) for run in runs}
-    engine._awaited = len(runs)  # as _start leaves it
-    woken = []
+    woken: list[bool] = []
+    handover = Handover(lambda: woken.append(True))
+    handover.awaiting(len(runs))  # as starting them leaves it
     for run in runs:
-        engine._wake.clear()
-        engine._hand_over(runner.Outcome(run, "succeeded", now))
-        woken.append(engine._wake.is_set())
+        before = len(woken)
+        handover.put(runner.Outcome(run, "succeeded", now))
+        woken[before:] = [len(woken) > before]
     assert woken == [True, False, False, True]
-    engine._take_outcomes()
-    assert [outcome.run.pk for outcome in engine._unrecorded] == [run.pk for run in runs]
-    assert engine._inflight == {} and engine._awaited == 0
-    # A run abandoned after its timeout reports at last: it wakes the engine, which drops it.
-    engine._unrecorded = []
-    engine._wake.clear()
-    engine._hand_over(runner.Outcome(runs[0], "succeeded", now))
-    assert engine._wake.is_set()
-    engine._take_outcomes()
-    assert engine._unrecorded == []
+    assert [outcome.run.pk for outcome in handover.take(0.0)] == [run.pk for run in runs]
+    assert handover.take(0.0) == []
+    # A run abandoned after its timeout reports at last: it wakes the engine.
+    handover.awaiting(0)
+    handover.put(runner.Outcome(runs[0], "succeeded", now))
+    assert woken[-1] is True and len(woken) == 5
+
+
+def test_the_late_outcome_of_a_run_the_engine_no_longer_holds_is_dropped(make_job, engine_factory, now):
+    from jobs.scheduler import runner
+
+    job = make_job(now=now - timedelta(seconds=30), overlap_policy="allow")
+    run = JobRun.objects.create(job=job, scheduled_for=now, not_before=now)
+    engine = engine_factory(now=now)
+    engine.inflight[run.pk] = Inflight(run, time.monotonic() + 60)
+    engine.handover.awaiting(1)
+    engine.handover.put(runner.Outcome(run, "succeeded", now))
+    engine.take_outcomes()
+    assert [outcome.run.pk for outcome in engine.unrecorded] == [run.pk]
+    assert engine.inflight == {}
+    engine.unrecorded.clear()
+    engine.handover.put(runner.Outcome(run, "succeeded", now))
+    engine.take_outcomes()
+    assert engine.unrecorded == []
 
 
 def test_after_a_database_error_runs_claimed_without_a_reply_are_released(make_job, engine_factory, now, caplog):
@@ -337,16 +349,16 @@ def test_after_a_database_error_runs_claimed_without_a_reply_are_released(make_j
     held = JobRun.objects.create(
         job=job, scheduled_for=now, attempt=5, not_before=now, status="running", worker=engine.process, started_at=now
     )
-    engine._inflight[held.pk] = _Inflight(held, time.monotonic() + 60)
-    engine._release_unheld = True  # as the loop's database-error handler leaves it
-    engine._tick()
+    engine.inflight[held.pk] = Inflight(held, time.monotonic() + 60)
+    engine.release_unheld = True  # as the loop's database-error handler leaves it
+    engine.tick()
     orphan.refresh_from_db()
     assert orphan.status == "lost" and "reply never reached" in orphan.error
     assert JobRun.objects.get(pk=held.pk).status == "running"
     retry = JobRun.objects.get(job=job, attempt=2)
     assert retry.trigger == "retry"
     assert "run lost" in caplog.text and "retrying" in caplog.text
-    assert engine._release_unheld is False
+    assert engine.release_unheld is False
 
 
 def test_a_scheduler_presumed_dead_registers_anew_before_it_runs_anything(make_job, engine_factory, now):
@@ -359,7 +371,7 @@ def test_a_scheduler_presumed_dead_registers_anew_before_it_runs_anything(make_j
     job = make_job(now=now - timedelta(seconds=30))
     assert engine.run_once() == []
     assert JobRun.objects.get(job=job).status == "queued"
-    engine._next_heartbeat = 0.0  # its heartbeat falls due
+    engine.heartbeat.next_at = 0.0  # its heartbeat falls due
     assert engine.run_once() == []  # the pass still claims nothing; the heartbeat registers anew
     assert engine.process is not None and engine.process.pk != first.pk
     assert [o.status for o in engine.run_once()] == ["succeeded"]

@@ -18,6 +18,7 @@ from jobs.models import Job, JobRun, SchedulerProcess
 from jobs.scheduler import runner
 from jobs.scheduler.clock import DatabaseClock
 from jobs.scheduler.engine import Engine
+from jobs.scheduler.store.postgres import server_time
 
 
 def test_finished_runs_are_written_back_before_due_jobs_fire(make_job, engine_factory, now):
@@ -36,9 +37,9 @@ def test_finished_runs_are_written_back_before_due_jobs_fire(make_job, engine_fa
         started_at=now - timedelta(minutes=1),
     )
     earlier.job = job
-    engine._unrecorded.append(runner.Outcome(earlier, "succeeded", now - timedelta(seconds=1)))
-    engine._notified = True  # the pass looks for due jobs
-    engine._tick()
+    engine.unrecorded.append(runner.Outcome(earlier, "succeeded", now - timedelta(seconds=1)))
+    engine.wake_plan.changed_elsewhere()  # the pass looks for due jobs
+    engine.tick()
     assert JobRun.objects.get(pk=earlier.pk).status == "succeeded"
     fire = JobRun.objects.get(job=job, scheduled_for=now)
     assert fire.status != "skipped", fire.skip_reason
@@ -60,19 +61,19 @@ def test_a_scheduler_judges_others_only_after_a_full_lost_after_connected(make_j
     run = _dead_schedulers_run(make_job, now)
     engine = engine_factory(now=now, lost_after=0.6, heartbeat_seconds=0.3)
     engine.register()
-    engine._heartbeat()
+    engine.beat()
     assert JobRun.objects.get(pk=run.pk).status == "running"
     time.sleep(0.7)
-    engine._heartbeat()
+    engine.beat()
     assert JobRun.objects.get(pk=run.pk).status == "lost"
 
     second = _dead_schedulers_run(make_job, now)
-    engine._after_database_error()  # as the loop does when a statement fails
-    engine._tick()  # the database answers again: the lost-after time starts over
-    engine._heartbeat()
+    engine.database_error()  # as the loop does when a statement fails
+    engine.tick()  # the database answers again: the lost-after time starts over
+    engine.beat()
     assert JobRun.objects.get(pk=second.pk).status == "running"
     time.sleep(0.7)
-    engine._heartbeat()
+    engine.beat()
     assert JobRun.objects.get(pk=second.pk).status == "lost"
 
 
@@ -130,7 +131,7 @@ def test_during_an_outage_one_traceback_then_one_line_per_retry_and_a_stop_wins(
         assert time.monotonic() - stop_at < 1.5
     finally:
         outage.until = 0
-        if not engine._stopping:
+        if not engine.stopping:
             engine.request_stop()
         loop.join(5)
 
@@ -139,7 +140,7 @@ def test_during_an_outage_one_traceback_then_one_line_per_retry_and_a_stop_wins(
 def test_the_database_clock_is_the_servers_whatever_the_hosts(db: None, caplog) -> None:
     """A host clock 90 s ahead: the scheduler's clock is the server's to within a round trip,
     is never ahead of it, and the skew is logged once, as an error."""
-    ahead = DatabaseClock(local=lambda: timezone.now() + timedelta(seconds=90))
+    ahead = DatabaseClock(read=server_time, local=lambda: timezone.now() + timedelta(seconds=90))
     assert ahead() - timezone.now() > timedelta(seconds=89)  # before its first reading: the host's
     ahead.sync()
     ahead.sync()
@@ -157,8 +158,13 @@ def test_the_database_clock_is_the_servers_whatever_the_hosts(db: None, caplog) 
 
 def test_the_database_clock_moves_with_the_monotonic_clock_between_readings() -> None:
     ticks = [100.0]
-    clock = DatabaseClock(ticks=lambda: ticks[0], local=lambda: datetime(2026, 1, 1, tzinfo=UTC))
-    clock._anchor = (datetime(2026, 6, 1, 12, 0, tzinfo=UTC), 100.0)
+    clock = DatabaseClock(
+        read=lambda: datetime(2026, 6, 1, 12, 0, tzinfo=UTC),
+        ticks=lambda: ticks[0],
+        local=lambda: datetime(2026, 1, 1, tzinfo=UTC),
+    )
+    assert clock() == datetime(2026, 1, 1, tzinfo=UTC)  # before its first reading: the host's
+    clock.sync()  # at ticks 100.0
     ticks[0] = 102.5
     assert clock() == datetime(2026, 6, 1, 12, 0, 2, 500000, tzinfo=UTC)
 
@@ -174,7 +180,7 @@ def test_a_scheduler_whose_clock_runs_ahead_starts_nothing_before_its_time(make_
     job = make_job(now=timezone.now(), cron="0 0 1 1 *")
     due = server_now + timedelta(seconds=2)
     Job.objects.filter(pk=job.pk).update(next_run_at=due)
-    clock = DatabaseClock(local=lambda: timezone.now() + timedelta(seconds=90))
+    clock = DatabaseClock(read=server_time, local=lambda: timezone.now() + timedelta(seconds=90))
     engine = Engine(max_concurrent=1, clock=clock, heartbeat_seconds=3600, max_sleep=0)  # each pass looks
     try:
         process = engine.register()

@@ -1,4 +1,4 @@
-"""Executing one run and writing its outcome back (jobs/scheduler/runner.py)."""
+"""Executing one run and writing its outcome back (jobs/scheduler/runner.py, retry.py and the store)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 
 from jobs.models import Job, JobRun, SchedulerProcess
-from jobs.scheduler import runner
+from jobs.scheduler import retry, runner
+from jobs.scheduler.store import get_store
 
 
 @pytest.fixture
@@ -32,7 +33,7 @@ def test_outcome_is_fenced_by_the_worker_and_status(running, now):
     # Another scheduler marked it lost (and retried it) while this one was still running it.
     JobRun.objects.filter(pk=run.pk).update(status="lost")
     outcome = runner.execute(run, clock=lambda: now)
-    assert runner.record_outcomes([outcome], worker_id=worker.pk) == []
+    assert get_store().record_outcomes([outcome], worker_id=worker.pk) == []
     run.refresh_from_db()
     assert run.status == "lost" and run.result is None
 
@@ -40,7 +41,7 @@ def test_outcome_is_fenced_by_the_worker_and_status(running, now):
 def test_outcome_from_another_worker_is_refused(running, now):
     run, worker = running()
     outcome = runner.execute(run, clock=lambda: now)
-    assert runner.record_outcomes([outcome], worker_id=worker.pk + 1000) == []
+    assert get_store().record_outcomes([outcome], worker_id=worker.pk + 1000) == []
     assert JobRun.objects.get(pk=run.pk).status == "running"
 
 
@@ -54,15 +55,15 @@ def test_unknown_job_type_fails_the_run(running, now):
 
 def test_large_results_are_capped(running, now):
     run, worker = running()
-    with override_settings(JOBS={"RESULT_MAX_BYTES": 100}):
-        capped = runner._cap_result({"data": "x" * 1000})
-    assert capped["truncated"] is True and capped["size_bytes"] > 1000
+    with override_settings(JOBS={"RESULT_MAX_BYTES": 1024}):
+        capped = runner.cap_result({"data": "x" * 5000})
+    assert capped["truncated"] is True and capped["size_bytes"] > 5000
 
 
 @pytest.mark.parametrize(("attempt", "low", "high"), [(1, 5, 10), (2, 10, 20), (3, 20, 40), (10, 2560, 5120)])
 def test_retry_delay_grows_exponentially_with_jitter(make_job, now, attempt, low, high):
     job = make_job(now=now, retry_backoff_seconds=10)
-    delays = [runner.retry_delay(job, attempt, rng=random.Random(seed)) for seed in range(50)]
+    delays = [retry.backoff_seconds(job, attempt, rng=random.Random(seed)) for seed in range(50)]
     assert all(low <= delay <= high for delay in delays)
     assert len(set(delays)) > 40  # jittered, not all the same
 
@@ -74,7 +75,7 @@ def test_a_timed_out_run_is_retried_only_when_its_type_is_safe_to_repeat(running
     JobRun.objects.filter(pk=unsafe.pk).update(worker=worker)
     later = now + timedelta(seconds=1)
     outcomes = [runner.timed_out(safe, later), runner.timed_out(unsafe, later)]
-    accepted = runner.record_outcomes(outcomes, worker_id=worker.pk)
+    accepted = get_store().record_outcomes(outcomes, worker_id=worker.pk)
     assert [o.status for o in accepted] == ["timed_out", "timed_out"]
     assert JobRun.objects.filter(job=safe.job, attempt=2, status="queued").exists()
     assert not JobRun.objects.filter(job=unsafe.job, attempt=2).exists()
@@ -94,9 +95,9 @@ def test_a_failure_that_may_have_done_the_work_is_not_retried_for_an_unsafe_type
 
     run, worker = running(job_type="test_sleep_unsafe", max_retries=2)
     outcome = runner.Outcome(run, "failed", now, error="OutcomeUnknown: sent, no reply", maybe_done=True)
-    assert runner.wants_retry(outcome) is False
+    assert outcome.retry_at is None
     safe_run, _ = running(job_type="test_sleep", max_retries=2)
-    assert runner.wants_retry(runner.Outcome(safe_run, "failed", now, maybe_done=True)) is True
+    assert runner.Outcome(safe_run, "failed", now, maybe_done=True).retry_at is not None
     # The runner maps the exception to that outcome, and says why on the row.
     monkeypatch.setattr(type(get_executor("test_sleep_unsafe")), "execute", sent_without_reply)
     result = runner.execute(run, clock=lambda: now)
@@ -129,7 +130,7 @@ def test_a_batch_is_written_in_one_or_two_statements_and_fenced_run_by_run(make_
         runner.Outcome(runs[3], "succeeded", now + timedelta(seconds=1)),
     ]
     with CaptureQueriesContext(connection) as captured:
-        accepted = runner.record_outcomes(outcomes, worker_id=worker.pk)
+        accepted = get_store().record_outcomes(outcomes, worker_id=worker.pk)
     statements = [q["sql"] for q in captured.captured_queries if not q["sql"].startswith(("SAVEPOINT", "RELEASE"))]
     # PostgreSQL: one statement (runs and jobs in a data-modifying CTE); SQLite: runs, then jobs.
     # Plus one, because the fence refused an outcome: a look at whether it was already written.
@@ -152,7 +153,7 @@ def test_a_batch_is_written_in_one_or_two_statements_and_fenced_run_by_run(make_
 def test_an_older_run_never_overwrites_the_jobs_newer_last_run(running, now):
     run, worker = running()
     Job.objects.filter(pk=run.job_id).update(last_run_at=now + timedelta(minutes=1), last_run_status="succeeded")
-    accepted = runner.record_outcomes([runner.Outcome(run, "failed", now, error="x")], worker_id=worker.pk)
+    accepted = get_store().record_outcomes([runner.Outcome(run, "failed", now, error="x")], worker_id=worker.pk)
     assert len(accepted) == 1 and JobRun.objects.get(pk=run.pk).status == "failed"
     job = Job.objects.get(pk=run.job_id)
     assert (job.last_run_at, job.last_run_status) == (now + timedelta(minutes=1), "succeeded")
@@ -178,8 +179,8 @@ def test_an_outcome_the_database_refuses_is_written_as_a_failure_and_the_rest_la
         runner.Outcome(fine_run, "succeeded", now, result={"ok": True}),
     ]
     with pytest.raises(ValueError):
-        runner.record_outcomes(outcomes, worker_id=worker.pk)
-    accepted = runner.record_one_by_one(outcomes, worker_id=worker.pk)
+        get_store().record_outcomes(outcomes, worker_id=worker.pk)
+    accepted = get_store().record_one_by_one(outcomes, worker_id=worker.pk)
     assert [(o.run.pk, o.status) for o in accepted] == [(refused_run.pk, "failed"), (fine_run.pk, "succeeded")]
     refused = JobRun.objects.get(pk=refused_run.pk)
     assert refused.status == "failed" and "the database refused its outcome" in refused.error
@@ -189,13 +190,13 @@ def test_an_outcome_the_database_refuses_is_written_as_a_failure_and_the_rest_la
 def test_an_outcome_sent_again_after_a_lost_reply_counts_as_written(running, now, caplog):
     run, worker = running()
     outcome = runner.Outcome(run, "succeeded", now + timedelta(seconds=1), result={"n": 1})
-    assert runner.record_outcomes([outcome], worker_id=worker.pk) == [outcome]
+    assert get_store().record_outcomes([outcome], worker_id=worker.pk) == [outcome]
     # The engine sends it again, as it would had the reply to the committed write been lost.
-    assert runner.record_outcomes([outcome], worker_id=worker.pk) == [outcome]
+    assert get_store().record_outcomes([outcome], worker_id=worker.pk) == [outcome]
     assert "outcome discarded" not in caplog.text
     # A different outcome for the same run is still refused: the run is no longer running.
     other = runner.Outcome(run, "failed", now + timedelta(seconds=2), error="late")
-    assert runner.record_outcomes([other], worker_id=worker.pk) == []
+    assert get_store().record_outcomes([other], worker_id=worker.pk) == []
     assert "outcome discarded" in caplog.text
     assert JobRun.objects.get(pk=run.pk).status == "succeeded"
 
@@ -209,7 +210,7 @@ def test_an_outcome_is_stored_as_the_orm_would_store_it(running, now, result):
     run, worker = running()
     finished = now + timedelta(seconds=1, microseconds=654321)
     outcome = runner.Outcome(run, JobRun.Status.SUCCEEDED, finished, result=result, error="")
-    assert runner.record_outcomes([outcome], worker_id=worker.pk) == [outcome]
+    assert get_store().record_outcomes([outcome], worker_id=worker.pk) == [outcome]
     stored = JobRun.objects.get(pk=run.pk)
     assert (stored.status, stored.finished_at, stored.result, stored.error) == ("succeeded", finished, result, "")
     assert type(stored.result) is type(result)

@@ -1,0 +1,134 @@
+"""SQLite: one machine, one writer at a time (`BEGIN IMMEDIATE`), so a whole pass is one
+transaction; a commit counter to notice other processes' writes; the process table as the
+evidence that a silent scheduler is alive; the host's clock, which is the database's."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from django.db import connection, transaction
+from django.utils import timezone
+
+from jobs.models import Job, JobRun, SchedulerProcess
+
+from .. import liveness
+from ..runner import Outcome
+from .base import ChangeWatcher, Pass, PassResult, RunStore
+from .rows import JOBS, QUEUE_INDEX, RUNS, S, columns, instances, placeholders, quoted, with_jobs
+from .sql import Dialect, statements
+
+logger = logging.getLogger(__name__)
+
+SQL = statements(
+    Dialect(
+        lock_due_jobs="",
+        lock_stale_runs="",
+        lock_claimer="",
+        # Without ANALYZE statistics its planner would rather sort every queued run on the
+        # status index, for every claim.
+        queue_index=f" INDEXED BY {quoted(QUEUE_INDEX)}",
+        stale="julianday({0}) < julianday(%s) - {1} / 86400.0",
+        picked="IN ({0})",
+    )
+)
+# The fenced UPDATE of runs from the `outcome` rows; it returns what each job's last run needs.
+FINISH = (
+    "WITH outcome (run_id, new_status, new_finished_at, new_result, new_error) AS (VALUES {rows}) "
+    f"UPDATE {RUNS} SET status = outcome.new_status, finished_at = outcome.new_finished_at, "
+    "result = outcome.new_result, error = outcome.new_error FROM outcome "
+    f"WHERE id = outcome.run_id AND status = {S['RUNNING']} AND worker_id = %s "
+    "RETURNING id, job_id, COALESCE(started_at, finished_at) AS started_at, status"
+)
+JOBS_BY_ID = f"SELECT {', '.join(columns(Job))} FROM {JOBS} WHERE id IN ({{ids}})"
+# Seconds between looks at the commit counter while the engine sleeps.
+WATCH_SECONDS = 0.5
+
+
+class SqliteStore(RunStore):
+    vendor = "sqlite"
+    sql = SQL
+
+    def clock(self) -> Callable[[], datetime]:
+        return timezone.now
+
+    def now(self) -> datetime:
+        return timezone.now()
+
+    def watcher(self, on_change: Callable[[], None]) -> ChangeWatcher:
+        return CommitWatcher()
+
+    def presumed_dead(self, process: SchedulerProcess, *, now: datetime) -> bool:
+        alive = liveness.process_here(process)
+        evidence = f"its process {process.pid} is still running on this host"
+        return liveness.judged_dead(process, alive=alive, evidence=evidence, now=now)
+
+    def claim_runs(self, *, worker_id: int, slots: int, now: datetime, lost_after: float | None = None) -> list[JobRun]:
+        """The claim, then the claimed runs' jobs, in one (IMMEDIATE) transaction."""
+        if slots <= 0:
+            return []
+        params = self._claim_params(worker_id=worker_id, slots=slots, now=now, lost_after=lost_after)
+        with transaction.atomic(savepoint=False), connection.cursor() as cursor:
+            cursor.execute(SQL.claim.format(returning=", ".join(columns(JobRun))), params)
+            runs = instances(JobRun, cursor.fetchall())
+            if not runs:
+                return []
+            job_ids = sorted({run.job_id for run in runs})
+            cursor.execute(JOBS_BY_ID.format(ids=placeholders(len(job_ids))), job_ids)
+            return with_jobs(runs, instances(Job, cursor.fetchall()))
+
+    def _finish_runs(self, outcomes: list[Outcome], worker_id: int) -> set[int]:
+        """One fenced UPDATE of the runs; the rows it returns feed the UPDATE of their jobs' last
+        run (SQLite has no data-modifying CTEs)."""
+        adapt = connection.ops.adapt_datetimefield_value
+        params: list[Any] = []
+        for outcome in outcomes:
+            params += [outcome.run.pk, str(outcome.status), adapt(outcome.stored_finished_at), outcome.result_json]
+            params.append(outcome.error)
+        with connection.cursor() as cursor:
+            rows = ", ".join(["(%s, %s, %s, %s, %s)"] * len(outcomes))
+            cursor.execute(FINISH.format(rows=rows), [*params, worker_id])
+            recorded = cursor.fetchall()
+        self.show_last_runs(recorded)
+        return {row[0] for row in recorded}
+
+    def _write_pass(self, work: Pass) -> PassResult:
+        # One IMMEDIATE transaction for the whole pass is cheaper than one per step.
+        result = PassResult()
+        with transaction.atomic():
+            accepted = self.record_outcomes(work.outcomes, worker_id=work.worker_id)
+            if work.fire:
+                result.fired = self.fire_due_jobs(now=work.clock())
+            if work.slots:
+                result.claimed = self.claim_runs(
+                    worker_id=work.worker_id, slots=work.slots, now=work.clock(), lost_after=work.lost_after
+                )
+        work.recorded(accepted)
+        return result
+
+
+class CommitWatcher(ChangeWatcher):
+    """Tell whether another connection has committed since the last look.
+
+    `PRAGMA data_version` reads a counter in the database's shared memory, so asking costs
+    microseconds and no I/O. The first call, and the first after a reconnect, says False.
+    """
+
+    poll_seconds = WATCH_SECONDS
+
+    def __init__(self) -> None:
+        self._last: int | None = None
+
+    def start(self) -> None:
+        self.changed()  # the baseline: commits from here on count
+
+    def changed(self) -> bool:
+        # Straight to the driver: asked several times a second, Django's cursor layers would
+        # cost more than the question.
+        connection.ensure_connection()
+        version = connection.connection.execute("PRAGMA data_version").fetchone()[0]
+        changed = self._last is not None and version != self._last
+        self._last = version
+        return changed
