@@ -6,6 +6,7 @@ Thin on purpose: every write goes through jobs.services, every fire time through
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
@@ -24,7 +25,7 @@ from django.utils.html import format_html, format_html_join
 from django.views.decorators.http import require_POST
 
 from . import schedule, services
-from .conf import get
+from .conf import config
 from .executors import all_executors
 from .forms import JobAdminForm
 from .models import Job, JobRun, SchedulerProcess
@@ -83,14 +84,27 @@ def utc(value: datetime | None, *, since: datetime | None = None) -> str:
     return format_html('<span class="jobs-instant">{}</span>', f"{value:{'' if same_day else '%Y-%m-%d '}%H:%M:%S} UTC")
 
 
-def utc_column(field: str, description: str) -> Any:
-    """Return a list column showing the datetime `field` with utc()."""
+def column(attribute: str, description: str, show: Callable[[Any], str], *, ordering: str | None = None) -> Any:
+    """Return a column (or read-only field) showing an object's `attribute` with `show`."""
 
-    @admin.display(description=description, ordering=field)
-    def column(self: admin.ModelAdmin, obj: Any) -> str:
-        return utc(getattr(obj, field))
+    @admin.display(description=description, ordering=ordering)
+    def shown(self: admin.ModelAdmin, obj: Any) -> str:
+        return show(getattr(obj, attribute))
 
-    return column
+    return shown
+
+
+def bulk_action(description: str, service: Callable[[Job], object], done: str, **only: Any) -> Any:
+    """Return an action applying `service` to each selected job matching `only`, then saying `done` of them."""
+
+    @admin.action(description=description, permissions=["change"])
+    def action(self: admin.ModelAdmin, request: HttpRequest, queryset: QuerySet[Job]) -> None:
+        jobs = list(queryset.filter(**only))
+        for job in jobs:
+            service(job)
+        self.message_user(request, done.format(jobs=_jobs(len(jobs))), messages.SUCCESS)
+
+    return action
 
 
 class JobTypeFilter(admin.SimpleListFilter):
@@ -121,17 +135,13 @@ class LastStatusFilter(admin.SimpleListFilter):
 class RunColumns:
     """Columns shared by the runs list and the job page's recent runs."""
 
-    @admin.display(description="status", ordering="status")
-    def badge(self, run: JobRun) -> str:
-        return status_badge(run.status)
+    badge = column("status", "status", status_badge, ordering="status")
 
     @admin.display(description="trigger", ordering="trigger")
     def trigger_attempt(self, run: JobRun) -> str:
         return format_html('{}<div class="jobs-quiet">attempt {}</div>', run.get_trigger_display(), run.attempt)
 
-    @admin.display(description="scheduled for", ordering="scheduled_for")
-    def scheduled(self, run: JobRun) -> str:
-        return utc(run.scheduled_for)
+    scheduled = column("scheduled_for", "scheduled for", utc, ordering="scheduled_for")
 
     @admin.display(description="started", ordering="started_at")
     def started(self, run: JobRun) -> str:
@@ -147,9 +157,7 @@ class RunColumns:
     def finished(self, run: JobRun) -> str:
         return utc(run.finished_at, since=run.started_at)
 
-    @admin.display(description="duration")
-    def duration(self, run: JobRun) -> str:
-        return seconds(run.duration_seconds)
+    duration = column("duration_seconds", "duration", seconds)
 
     @admin.display(description="error")
     def error_short(self, run: JobRun) -> str:
@@ -257,9 +265,7 @@ class JobAdmin(admin.ModelAdmin):
     def last_run(self, job: Job) -> str:
         return _instant(job.last_run_at, job.timezone)
 
-    @admin.display(description="last status", ordering="last_run_status")
-    def last_status(self, job: Job) -> str:
-        return status_badge(job.last_run_status)
+    last_status = column("last_run_status", "last status", status_badge, ordering="last_run_status")
 
     @admin.display(description="next fire times")
     def schedule_preview(self, job: Job) -> str:
@@ -311,26 +317,9 @@ class JobAdmin(admin.ModelAdmin):
 
     # --- run now, pause, resume: bulk actions ---
 
-    @admin.action(description="Run now (queue a manual run)", permissions=["change"])
-    def run_now(self, request: HttpRequest, queryset: QuerySet[Job]) -> None:
-        jobs = list(queryset)
-        for job in jobs:
-            services.job_trigger(job)
-        self.message_user(request, f"Queued a manual run for {_jobs(len(jobs))}.", messages.SUCCESS)
-
-    @admin.action(description="Pause (stop firing)", permissions=["change"])
-    def pause(self, request: HttpRequest, queryset: QuerySet[Job]) -> None:
-        jobs = list(queryset.filter(enabled=True))
-        for job in jobs:
-            services.job_pause(job)
-        self.message_user(request, f"Paused {_jobs(len(jobs))}.", messages.SUCCESS)
-
-    @admin.action(description="Resume (fire from now on)", permissions=["change"])
-    def resume(self, request: HttpRequest, queryset: QuerySet[Job]) -> None:
-        jobs = list(queryset.filter(enabled=False))
-        for job in jobs:
-            services.job_resume(job)
-        self.message_user(request, f"Resumed {_jobs(len(jobs))}.", messages.SUCCESS)
+    run_now = bulk_action("Run now (queue a manual run)", services.job_trigger, "Queued a manual run for {jobs}.")
+    pause = bulk_action("Pause (stop firing)", services.job_pause, "Paused {jobs}.", enabled=True)
+    resume = bulk_action("Resume (fire from now on)", services.job_resume, "Resumed {jobs}.", enabled=False)
 
     # --- run now, pause, resume: buttons on the change page ---
 
@@ -442,9 +431,7 @@ class JobRunAdmin(RunColumns, admin.ModelAdmin):
         url = reverse("admin:jobs_job_change", args=[run.job_id], current_app=self.admin_site.name)
         return format_html('<a href="{}">{}</a>', url, run.job.name)
 
-    @admin.display(description="lateness")
-    def lateness(self, run: JobRun) -> str:
-        return seconds(run.lateness_seconds)
+    lateness = column("lateness_seconds", "lateness", seconds)
 
     @admin.display(description="result")
     def result_pretty(self, run: JobRun) -> str:
@@ -484,9 +471,9 @@ class SchedulerProcessAdmin(admin.ModelAdmin):
         # A live process keeps heartbeating into its row; rows are the scheduler's own to write.
         return False
 
-    last_heartbeat = utc_column("last_heartbeat_at", "last heartbeat")
-    started = utc_column("started_at", "started")
-    stopped = utc_column("stopped_at", "stopped")
+    last_heartbeat = column("last_heartbeat_at", "last heartbeat", utc, ordering="last_heartbeat_at")
+    started = column("started_at", "started", utc, ordering="started_at")
+    stopped = column("stopped_at", "stopped", utc, ordering="stopped_at")
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[SchedulerProcess]:
         # Heartbeats are written by the database's clock (jobs.scheduler.clock): aged by it too,
@@ -499,7 +486,7 @@ class SchedulerProcessAdmin(admin.ModelAdmin):
 
     @admin.display(boolean=True, description="alive")
     def alive(self, process: SchedulerProcess) -> bool:
-        return process.is_alive(self._now(process), get("LOST_AFTER_SECONDS"))
+        return process.is_alive(self._now(process), config().lost_after_seconds)
 
     @admin.display(description="heartbeat age", ordering="-last_heartbeat_at")
     def heartbeat_age(self, process: SchedulerProcess) -> str:

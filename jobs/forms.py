@@ -13,6 +13,16 @@ from . import schedule, services
 from .executors import Executor, all_executors
 from .models import Job
 
+# How a job fires, retries and times out: the same fields, in the same order, in the admin's form and the API.
+POLICY_FIELDS = (
+    "misfire_policy",
+    "misfire_grace_seconds",
+    "overlap_policy",
+    "max_retries",
+    "retry_backoff_seconds",
+    "timeout_seconds",
+)
+
 
 class TimezoneInput(forms.TextInput):
     """A text input that suggests IANA zone names as one types, while still accepting any text.
@@ -85,12 +95,7 @@ class JobAdminForm(forms.ModelForm):
             "enabled",
             "cron_expression",
             "timezone",
-            "misfire_policy",
-            "misfire_grace_seconds",
-            "overlap_policy",
-            "max_retries",
-            "retry_backoff_seconds",
-            "timeout_seconds",
+            *POLICY_FIELDS,
         ]
         widgets = {
             "timezone": TimezoneInput(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, cast
 
 from rest_framework import serializers
@@ -25,17 +26,9 @@ def field_schema(field: serializers.Field) -> dict[str, Any]:
     elif isinstance(field, serializers.BooleanField):
         schema = {"type": "boolean"}
     elif isinstance(field, serializers.IntegerField):
-        schema = {"type": "integer"}
-        if field.min_value is not None:
-            schema["minimum"] = field.min_value
-        if field.max_value is not None:
-            schema["maximum"] = field.max_value
+        schema = {"type": "integer", **_bounds(minimum=field.min_value, maximum=field.max_value)}
     elif isinstance(field, (serializers.FloatField, serializers.DecimalField)):
-        schema = {"type": "number"}
-        if field.min_value is not None:
-            schema["minimum"] = float(field.min_value)
-        if field.max_value is not None:
-            schema["maximum"] = float(field.max_value)
+        schema = {"type": "number", **_bounds(minimum=field.min_value, maximum=field.max_value, convert=float)}
     elif isinstance(field, serializers.ChoiceField):
         schema = {"enum": list(field.choices)}
     elif isinstance(field, serializers.DictField):
@@ -49,11 +42,7 @@ def field_schema(field: serializers.Field) -> dict[str, Any]:
     elif isinstance(field, serializers.DateTimeField):
         schema = {"type": "string", "format": "date-time"}
     elif isinstance(field, serializers.CharField):
-        schema = {"type": "string"}
-        if field.max_length is not None:
-            schema["maxLength"] = field.max_length
-        if field.min_length is not None:
-            schema["minLength"] = field.min_length
+        schema = {"type": "string", **_bounds(maxLength=field.max_length, minLength=field.min_length)}
     else:
         schema = {}
     if field.help_text:
@@ -61,6 +50,11 @@ def field_schema(field: serializers.Field) -> dict[str, Any]:
     if not field.required and field.default is not serializers.empty and not callable(field.default):
         schema["default"] = field.default
     return schema
+
+
+def _bounds(convert: Callable[[Any], Any] = lambda value: value, **limits: Any) -> dict[str, Any]:
+    """Return the limits that are set (not None), converted, keyed by their JSON Schema keyword."""
+    return {keyword: convert(limit) for keyword, limit in limits.items() if limit is not None}
 
 
 def serializer_schema(serializer: serializers.Serializer) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from typing import Any
 
 import django_filters
 from django import forms
-from django.db.models import F, QuerySet
+from django.db.models import F, Model, QuerySet
 from rest_framework import filters
 from rest_framework.exceptions import ValidationError
 from rest_framework.request import Request
@@ -64,33 +64,38 @@ class IsoDateTimeFilter(django_filters.IsoDateTimeFilter):
     field_class = UtcIsoDateTimeField
 
 
+def declared_only(model: type[Model]) -> type:
+    """Return the Meta of a FilterSet over `model` that generates no filters: all are declared, in their order."""
+    return type("Meta", (), {"model": model, "fields": []})
+
+
+def date_range(field_name: str) -> tuple[IsoDateTimeFilter, IsoDateTimeFilter]:
+    """Return the (after, before) filters of a timestamp field: at or after, and strictly before."""
+    return (
+        IsoDateTimeFilter(field_name=field_name, lookup_expr="gte"),
+        IsoDateTimeFilter(field_name=field_name, lookup_expr="lt"),
+    )
+
+
 class JobFilter(django_filters.FilterSet):
     job_type = django_filters.CharFilter(help_text="Only jobs of this type.")
     enabled = BooleanFilter(help_text="true or false.")
     last_run_status = django_filters.ChoiceFilter(choices=JobRun.Status.choices)
-    next_run_after = IsoDateTimeFilter(field_name="next_run_at", lookup_expr="gte")
-    next_run_before = IsoDateTimeFilter(field_name="next_run_at", lookup_expr="lt")
-    created_after = IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
-    created_before = IsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
+    next_run_after, next_run_before = date_range("next_run_at")
+    created_after, created_before = date_range("created_at")
 
-    class Meta:
-        model = Job
-        fields = ["job_type", "enabled", "last_run_status"]
+    Meta = declared_only(Job)
 
 
 class JobRunFilter(django_filters.FilterSet):
     job = IdFilter(field_name="job_id", help_text="Only runs of this job id.")
-    job_type = django_filters.CharFilter(field_name="job__job_type")
     status = django_filters.MultipleChoiceFilter(choices=JobRun.Status.choices)
     trigger = django_filters.ChoiceFilter(choices=JobRun.Trigger.choices)
-    scheduled_after = IsoDateTimeFilter(field_name="scheduled_for", lookup_expr="gte")
-    scheduled_before = IsoDateTimeFilter(field_name="scheduled_for", lookup_expr="lt")
-    started_after = IsoDateTimeFilter(field_name="started_at", lookup_expr="gte")
-    started_before = IsoDateTimeFilter(field_name="started_at", lookup_expr="lt")
+    job_type = django_filters.CharFilter(field_name="job__job_type")
+    scheduled_after, scheduled_before = date_range("scheduled_for")
+    started_after, started_before = date_range("started_at")
 
-    class Meta:
-        model = JobRun
-        fields = ["job", "status", "trigger"]
+    Meta = declared_only(JobRun)
 
 
 class SearchFilter(filters.SearchFilter):

@@ -10,6 +10,7 @@ from rest_framework import serializers
 
 from jobs import schedule, services
 from jobs.executors import job_type_names
+from jobs.forms import POLICY_FIELDS
 from jobs.models import Job, JobRun, SchedulerProcess, default_timezone
 from jobs.secrets import mask_secrets
 
@@ -44,12 +45,7 @@ class JobSerializer(serializers.ModelSerializer):
             "job_type",
             "parameters",
             "enabled",
-            "misfire_policy",
-            "misfire_grace_seconds",
-            "overlap_policy",
-            "max_retries",
-            "retry_backoff_seconds",
-            "timeout_seconds",
+            *POLICY_FIELDS,
             "next_run_at",
             "last_run_at",
             "last_run_status",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, cast
 
@@ -202,26 +202,30 @@ class HealthView(APIView):
         return Response(report, status=200 if report["status"] == "ok" else 503)
 
 
-class PrometheusTextRenderer(BaseRenderer):
+class MetricsRenderer(BaseRenderer):
+    """Render the metrics registry with `exposition`, in the subclass's format."""
+
+    charset = "utf-8"
+    exposition: Callable[[CollectorRegistry], bytes]
+
+    def render(self, data: Any, accepted_media_type: str | None = None, renderer_context: Any = None) -> bytes:
+        return self.exposition(data)
+
+
+class PrometheusTextRenderer(MetricsRenderer):
     """The Prometheus text format 0.0.4, which every Prometheus-compatible scraper reads."""
 
     media_type = "text/plain; version=0.0.4"
     format = "prometheus"
-    charset = "utf-8"
-
-    def render(self, data: Any, accepted_media_type: str | None = None, renderer_context: Any = None) -> bytes:
-        return metrics.render_text(data)
+    exposition = staticmethod(metrics.render_text)
 
 
-class OpenMetricsRenderer(BaseRenderer):
+class OpenMetricsRenderer(MetricsRenderer):
     """OpenMetrics 1.0.0, for scrapers that ask for it."""
 
     media_type = "application/openmetrics-text; version=1.0.0"
     format = "openmetrics"
-    charset = "utf-8"
-
-    def render(self, data: Any, accepted_media_type: str | None = None, renderer_context: Any = None) -> bytes:
-        return metrics.render_openmetrics(data)
+    exposition = staticmethod(metrics.render_openmetrics)
 
 
 class MetricsNegotiation(BaseContentNegotiation):
