@@ -126,10 +126,15 @@ def setting_label(name: str) -> str:
     return f"JOBS[{name.upper()!r}]"
 
 
+# A claim needs a heartbeat younger than this fraction of the lost-after time, so that nobody can
+# presume the claiming scheduler dead while it starts what it claimed (jobs.scheduler.store).
+CLAIM_FRESHNESS = 0.5
+
+
 def _heartbeat_within_half_lost_after(heartbeat: float, lost_after: float) -> str | None:
     # Others would presume a scheduler dead between its heartbeats, and its claims need a
     # heartbeat younger than half of the lost-after time.
-    if heartbeat * 2 > lost_after:
+    if heartbeat > lost_after * CLAIM_FRESHNESS:
         return f"{{0}} ({heartbeat:g}s) must be at most half of {{1}} ({lost_after:g}s)"
     return None
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from django.db import DatabaseError, connection
@@ -22,9 +22,8 @@ def health_report(*, require_scheduler: bool = True, now: datetime | None = None
     try:
         # Heartbeats are written by the database's clock (jobs.scheduler.clock): judged by it too.
         now = now or database_now()
-        fresh_after = now - timedelta(seconds=config().lost_after_seconds)
         schedulers = list(
-            SchedulerProcess.objects.filter(stopped_at__isnull=True, last_heartbeat_at__gte=fresh_after).values(
+            SchedulerProcess.objects.alive(now, config().lost_after_seconds).values(
                 "hostname", "pid", "started_at", "last_heartbeat_at"
             )
         )

@@ -81,9 +81,7 @@ class SchedulerCollector(Collector):
         alive = GaugeMetricFamily("scheduler_processes_alive", "Scheduler processes with a fresh heartbeat.")
         alive.add_metric(
             [],
-            SchedulerProcess.objects.filter(
-                stopped_at__isnull=True, last_heartbeat_at__gte=now - timedelta(seconds=config().lost_after_seconds)
-            ).count(),
+            SchedulerProcess.objects.alive(now, config().lost_after_seconds).count(),
         )
         yield alive
 

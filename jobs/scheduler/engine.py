@@ -24,13 +24,13 @@ from typing import Any
 
 from django.db import Error, close_old_connections, connection, connections
 
-from jobs.conf import JobsConfig, config
+from jobs import conf
+from jobs.conf import JobsConfig
 from jobs.models import SchedulerProcess
 from jobs.retention import prune_history
 
 from . import runner
 from .background import RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS, Helper, brief, retry_delay
-from .clock import DatabaseClock
 from .firing import FireReport
 from .store import FIRE_BATCH, Pass, get_store
 from .wake import Heartbeat, WakePlan
@@ -177,11 +177,14 @@ class Engine:
         lost_after: float | None = None,
         shutdown_grace: float | None = None,
     ) -> None:
-        settings = config or _config()
+        settings = config or conf.config()
         self.store = get_store()
         self.max_concurrent = max_concurrent or settings.max_concurrent_jobs
         # Every time it writes or compares is the database's (see clock.py); tests pass their own.
         self.clock = clock or self.store.clock()
+        # A clock that reads the database's time now and then (a DatabaseClock) does so at
+        # registration and at each heartbeat.
+        self._sync_clock: Callable[[], None] = getattr(self.clock, "sync", lambda: None)
         self.max_sleep = _given(max_sleep, settings.max_sleep_seconds)
         self.heartbeat_seconds = _given(heartbeat_seconds, settings.heartbeat_seconds)
         self.lost_after = _given(lost_after, settings.lost_after_seconds)
@@ -217,8 +220,7 @@ class Engine:
     # -- lifecycle -----------------------------------------------------------------------------
 
     def register(self) -> SchedulerProcess:
-        if isinstance(self.clock, DatabaseClock):
-            self.clock.sync()
+        self._sync_clock()
         now = self.clock()
         self.process = SchedulerProcess.objects.create(
             hostname=socket.gethostname(),
@@ -478,7 +480,7 @@ class Engine:
                 recorded=lambda accepted: self._recorded(accepted, sink),
             )
         )
-        if slots:
+        if slots and not result.refused:
             # A full claim means more runs may be waiting.
             self.wake_plan.claimed(len(result.claimed), slots)
         self._start(result.claimed)
@@ -582,8 +584,7 @@ class Engine:
     def beat(self) -> None:
         """Write a heartbeat; recover the runs of dead schedulers once it may judge them."""
         assert self.process is not None
-        if isinstance(self.clock, DatabaseClock):
-            self.clock.sync()
+        self._sync_clock()
         now = self.clock()
         self.heartbeat.beating(time.monotonic())
         alive = SchedulerProcess.objects.filter(pk=self.process.pk, stopped_at__isnull=True).update(
@@ -621,17 +622,13 @@ class Engine:
         )
         deadline = now_mono + timeout
         # Between passes, ask the watcher whether another process committed (SQLite, a few times
-        # a second); a watcher that wakes the engine itself is never asked.
+        # a second); a watcher that wakes the engine itself has an infinite poll_seconds.
         while not self.wakeup.wait(min(self._watcher.poll_seconds, max(deadline - time.monotonic(), 0.0))):
             if time.monotonic() >= deadline:
                 return
             if self._watcher.changed():
                 self.wake_plan.changed_elsewhere()  # the web process or another scheduler wrote something
                 return
-
-
-def _config() -> JobsConfig:
-    return config()
 
 
 def _given(value: float | None, default: float) -> float:

@@ -13,7 +13,7 @@ dead makes its runs `lost` and retries them while it still runs them. So besides
   still there (same pid, started before it registered) is alive.
 
 And a scheduler judges others only once it has been connected for a full `LOST_AFTER_SECONDS`
-itself (the engine's rule): just back from an outage, it cannot tell a dead peer from one that
+itself (wake.Heartbeat): just back from an outage, it cannot tell a dead peer from one that
 is still reconnecting.
 """
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from django.db import connection
 
-from .base import FIRE_BATCH, REFUSED_VALUES, ChangeWatcher, Pass, PassResult, RunStore
+from .base import FIRE_BATCH, Pass, RunStore
 
-__all__ = ["FIRE_BATCH", "REFUSED_VALUES", "ChangeWatcher", "Pass", "PassResult", "RunStore", "get_store"]
+__all__ = ["FIRE_BATCH", "Pass", "RunStore", "get_store"]
 
 _stores: dict[str, RunStore] = {}
 

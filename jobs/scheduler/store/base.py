@@ -9,6 +9,7 @@ Either way the unique constraint on (job, scheduled_for, attempt) makes a double
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -21,8 +22,8 @@ from django.db.models import F, Q, Value
 from django.db.models.functions import Concat
 
 from jobs import schedule
-from jobs.conf import config
-from jobs.models import JobRun, SchedulerProcess, heartbeat_cutoff
+from jobs.conf import CLAIM_FRESHNESS, config
+from jobs.models import Job, JobRun, SchedulerProcess, heartbeat_cutoff
 
 from .. import retry
 from ..firing import BROKEN_SCHEDULE_RETRY, DueJob, FireReport, Planned, fires_until, plan_runs
@@ -34,9 +35,6 @@ logger = logging.getLogger(__name__)
 
 # Due jobs fired per transaction; a pass repeats until a batch comes back short.
 FIRE_BATCH = 500
-# A claim needs a heartbeat younger than this fraction of the lost-after time, so that nobody
-# can presume the claiming scheduler dead while it starts what it claimed.
-CLAIM_FRESHNESS = 0.5
 # What a write-back raises when the database refuses a value (rather than going away): psycopg2
 # raises ValueError for a NUL in a string before sending anything.
 REFUSED_VALUES = (DataError, IntegrityError, ValueError)
@@ -63,6 +61,7 @@ class PassResult:
 
     fired: FireReport = field(default_factory=FireReport)
     claimed: list[JobRun] = field(default_factory=list)
+    refused: bool = False  # a value was refused: the outcomes were written one by one, nothing else
 
 
 class ChangeWatcher:
@@ -138,14 +137,21 @@ class RunStore:
         When the database refuses a value, the outcomes are written one by one instead (one
         refused becomes a failure saying why) and nothing is fired or claimed in this pass.
         """
+        written = False
+
+        def recorded(accepted: list[Outcome]) -> None:
+            nonlocal written
+            written = True
+            work.recorded(accepted)
+
         try:
-            return self._write_pass(work)
+            return self._write_pass(dataclasses.replace(work, recorded=recorded))
         except REFUSED_VALUES:
-            if not work.outcomes:
-                raise
+            if written or not work.outcomes:
+                raise  # not the outcomes' values: firing or claiming failed after they were written
             logger.exception("writing back %d outcome(s) failed; writing them one by one", len(work.outcomes))
             work.recorded(self.record_one_by_one(work.outcomes, worker_id=work.worker_id))
-            return PassResult()
+            return PassResult(refused=True)
 
     # -- firing ------------------------------------------------------------------------------
 
@@ -239,7 +245,7 @@ class RunStore:
         for run_id, policy, grace in cursor.fetchall():
             reason = (
                 f"misfire: not started within the grace ({grace}s) after it was due"
-                if policy == "skip"
+                if policy == Job.MisfirePolicy.SKIP
                 else f"misfire: not started within the grace ({grace}s); a later fire of the job runs instead"
             )
             reasons.setdefault(reason, []).append(run_id)

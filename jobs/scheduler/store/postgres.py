@@ -23,7 +23,7 @@ from ..clock import DatabaseClock
 from ..runner import Outcome
 from .base import ChangeWatcher, Pass, PassResult, RunStore
 from .rows import JOBS, columns, instances, placeholders, with_jobs
-from .sql import Dialect, statements
+from .sql import OUTCOME_COLUMNS, Dialect, statements
 
 logger = logging.getLogger(__name__)
 
@@ -82,22 +82,11 @@ def _outcome_rows() -> str:
 # CTEs that write the outcomes back, fenced, and show each job's latest run on the job; the
 # runs written are in the one named `recorded` (id, job_id, started_at, status).
 # Data-modifying CTEs run to completion whatever the statement selects, so a claim can share it.
-WRITE_BACK = (
-    "outcome (run_id, new_status, new_finished_at, new_result, new_error) AS ({rows}), "
-    "recorded AS (UPDATE {runs} SET status = outcome.new_status, finished_at = outcome.new_finished_at, "
-    "result = outcome.new_result, error = outcome.new_error FROM outcome "
-    "WHERE id = outcome.run_id AND status = {running} AND worker_id = %s "
-    "RETURNING id, job_id, COALESCE(started_at, finished_at) AS started_at, status), "
-    "{latest}, shown AS ({show} RETURNING job.id)"
-)
-
-
 @functools.cache
 def _write_back() -> str:
-    from .rows import RUNS, S
-
-    return WRITE_BACK.format(
-        rows=_outcome_rows(), runs=RUNS, running=S["RUNNING"], latest=SQL.latest, show=SQL.show_latest_update
+    return (
+        f"outcome ({OUTCOME_COLUMNS}) AS ({_outcome_rows()}), recorded AS ({SQL.finish_runs}), "
+        f"{SQL.latest}, shown AS ({SQL.show_latest_update} RETURNING job.id)"
     )
 
 

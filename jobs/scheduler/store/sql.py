@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .rows import ACTIVE, JOBS, MISFIRE_SKIP, PROCESSES, RUNS, TRIGGER, S, quoted, run_insert
+from .rows import ACTIVE, JOBS, MISFIRE_SKIP, PROCESSES, RUNS, TRIGGER, S, run_insert
 
 
 @dataclass(frozen=True)
@@ -41,11 +41,14 @@ class Statements:
     next_fire: str  # the earliest next fire time
     next_fire_or_run: str  # the earliest next fire time or queued run
     claim: str  # {returning}: mark the oldest ready runs running on this scheduler
+    finish_runs: str  # write the rows of an `outcome` CTE back, fenced; returns what show_latest needs
     show_latest: str  # {rows}: show each job's latest recorded run on the job
     latest: str  # the CTEs of show_latest, for a statement that has its own `recorded`
     show_latest_update: str
 
 
+# The columns of the `outcome` rows that finish_runs reads.
+OUTCOME_COLUMNS = "run_id, new_status, new_finished_at, new_result, new_error"
 # From `recorded` (the runs just written: id, job_id, started_at, status), each job's latest
 # run, and the UPDATE that shows it on the job; an older run never overwrites a newer one.
 _LATEST = (
@@ -126,10 +129,13 @@ def statements(dialect: Dialect) -> Statements:
             f"UPDATE {RUNS} SET status = {S['RUNNING']}, started_at = %s, worker_id = %s "
             f"WHERE id {d.picked.format(pick)} RETURNING {{returning}}"
         ),
+        finish_runs=(
+            f"UPDATE {RUNS} SET status = outcome.new_status, finished_at = outcome.new_finished_at, "
+            "result = outcome.new_result, error = outcome.new_error FROM outcome "
+            f"WHERE id = outcome.run_id AND status = {S['RUNNING']} AND worker_id = %s "
+            "RETURNING id, job_id, COALESCE(started_at, finished_at) AS started_at, status"
+        ),
         show_latest=(f"WITH recorded (id, job_id, started_at, status) AS (VALUES {{rows}}), {_LATEST} {_SHOW_LATEST}"),
         latest=_LATEST,
         show_latest_update=_SHOW_LATEST,
     )
-
-
-__all__ = ["Dialect", "Statements", "quoted", "statements"]

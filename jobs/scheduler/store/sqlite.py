@@ -17,8 +17,8 @@ from jobs.models import Job, JobRun, SchedulerProcess
 from .. import liveness
 from ..runner import Outcome
 from .base import ChangeWatcher, Pass, PassResult, RunStore
-from .rows import JOBS, QUEUE_INDEX, RUNS, S, columns, instances, placeholders, quoted, with_jobs
-from .sql import Dialect, statements
+from .rows import JOBS, QUEUE_INDEX, columns, instances, placeholders, quoted, with_jobs
+from .sql import OUTCOME_COLUMNS, Dialect, statements
 
 logger = logging.getLogger(__name__)
 
@@ -34,14 +34,8 @@ SQL = statements(
         picked="IN ({0})",
     )
 )
-# The fenced UPDATE of runs from the `outcome` rows; it returns what each job's last run needs.
-FINISH = (
-    "WITH outcome (run_id, new_status, new_finished_at, new_result, new_error) AS (VALUES {rows}) "
-    f"UPDATE {RUNS} SET status = outcome.new_status, finished_at = outcome.new_finished_at, "
-    "result = outcome.new_result, error = outcome.new_error FROM outcome "
-    f"WHERE id = outcome.run_id AND status = {S['RUNNING']} AND worker_id = %s "
-    "RETURNING id, job_id, COALESCE(started_at, finished_at) AS started_at, status"
-)
+# The outcomes as VALUES rows, written back by the shared fenced UPDATE.
+FINISH = f"WITH outcome ({OUTCOME_COLUMNS}) AS (VALUES {{rows}}) {SQL.finish_runs}"
 JOBS_BY_ID = f"SELECT {', '.join(columns(Job))} FROM {JOBS} WHERE id IN ({{ids}})"
 # Seconds between looks at the commit counter while the engine sleeps.
 WATCH_SECONDS = 0.5

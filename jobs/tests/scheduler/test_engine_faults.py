@@ -21,13 +21,9 @@ from jobs.scheduler.engine import Engine
 from jobs.scheduler.store.postgres import server_time
 
 
-def test_finished_runs_are_written_back_before_due_jobs_fire(make_job, engine_factory, now):
-    """After a database error the engine holds outcomes it could not write. When the database
-    is back, a job whose run ended must not have its due fire skipped as "overlap": the outcome
-    is written first."""
-    engine = engine_factory(now=now)
-    process = engine.register()
-    job = make_job(now=now - timedelta(minutes=1), cron="* * * * *")  # forbid overlap
+def _ended_while_the_database_was_away(engine, process, job, now):
+    """A run of `job` on `process` whose outcome the engine holds unwritten; the next pass looks
+    for due jobs."""
     earlier = JobRun.objects.create(
         job=job,
         scheduled_for=now - timedelta(minutes=1),
@@ -38,11 +34,54 @@ def test_finished_runs_are_written_back_before_due_jobs_fire(make_job, engine_fa
     )
     earlier.job = job
     engine.unrecorded.append(runner.Outcome(earlier, "succeeded", now - timedelta(seconds=1)))
-    engine.wake_plan.changed_elsewhere()  # the pass looks for due jobs
+    engine.wake_plan.changed_elsewhere()
+    return earlier
+
+
+def test_finished_runs_are_written_back_before_due_jobs_fire(make_job, engine_factory, now):
+    """After a database error the engine holds outcomes it could not write. When the database
+    is back, a job whose run ended must not have its due fire skipped as "overlap": the outcome
+    is written first."""
+    engine = engine_factory(now=now)
+    process = engine.register()
+    job = make_job(now=now - timedelta(minutes=1), cron="* * * * *")  # forbid overlap
+    earlier = _ended_while_the_database_was_away(engine, process, job, now)
     engine.tick()
     assert JobRun.objects.get(pk=earlier.pk).status == "succeeded"
     fire = JobRun.objects.get(job=job, scheduled_for=now)
     assert fire.status != "skipped", fire.skip_reason
+
+
+@pytest.mark.django_db(transaction=True)  # a pass's own transactions, as in production
+def test_a_refused_value_after_the_outcomes_are_written_is_not_blamed_on_them(
+    make_job, engine_factory, now, monkeypatch, caplog
+):
+    """A value refused while firing, once the outcomes are written (PostgreSQL writes them in a
+    statement of their own), is an error of the pass: the outcomes are not written again one by
+    one nor reported twice. On SQLite the pass is one transaction: the refusal undoes the
+    write-back, so the outcomes are then written one by one, once."""
+    from django.db import DataError
+
+    engine = engine_factory(now=now)
+    process = engine.register()
+    job = make_job(now=now - timedelta(minutes=1), cron="* * * * *", overlap_policy="allow")
+    earlier = _ended_while_the_database_was_away(engine, process, job, now)
+
+    def refuse(**kwargs):
+        raise DataError("value refused")
+
+    monkeypatch.setattr(engine.store, "fire_due_jobs", refuse)
+    recorded: list[runner.Outcome] = []
+    if connection.vendor == "postgresql":
+        with pytest.raises(DataError):
+            engine.tick(collect_into=recorded)
+        assert "one by one" not in caplog.text
+    else:
+        engine.tick(collect_into=recorded)
+        assert "writing them one by one" in caplog.text
+    assert [outcome.run.pk for outcome in recorded] == [earlier.pk]
+    assert engine.unrecorded == []
+    assert JobRun.objects.get(pk=earlier.pk).status == "succeeded"
 
 
 def _dead_schedulers_run(make_job, now):
