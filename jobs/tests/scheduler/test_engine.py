@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from datetime import timedelta
 
@@ -40,6 +41,25 @@ def test_due_job_runs_once_and_advances(make_job, engine_factory, now):
     # A second pass at the same instant finds nothing due.
     assert engine_factory(now=now).run_once() == []
     assert JobRun.objects.count() == 1
+
+
+@pytest.mark.parametrize(
+    ("level", "lines"), [(logging.INFO, ["run finished"]), (logging.DEBUG, ["run started", "run finished"])]
+)
+def test_a_run_logs_one_line_when_it_finishes_and_its_start_only_at_debug(
+    make_job, engine_factory, now, caplog, level, lines
+):
+    job = make_job(now=now - timedelta(seconds=30), max_retries=1)
+    caplog.set_level(level, logger="jobs.scheduler")
+    (outcome,) = engine_factory(now=now).run_once()
+    per_run = [r for r in caplog.records if r.name == "jobs.scheduler" and r.getMessage().startswith("run ")]
+    assert [r.getMessage().split(" job=")[0] for r in per_run] == lines
+    finished = per_run[-1]
+    assert finished.levelno == logging.INFO
+    assert f"job={job.pk} run={outcome.run.pk} attempt=1 trigger=schedule status=succeeded lateness=0.000s" in (
+        finished.getMessage()
+    )
+    assert finished.lateness_seconds == 0.0 and finished.duration_seconds >= 0
 
 
 def test_failure_is_recorded_with_traceback(make_job, engine_factory, now):
