@@ -275,3 +275,26 @@ class JobRun(models.Model):
         if self.started_at is None:
             return None
         return (self.started_at - self.scheduled_for).total_seconds()
+
+
+class RunCount(models.Model):
+    """Runs finished, by job type and status: counters that only go up, for /metrics.
+
+    The scheduler's store adds to them wherever it finishes runs (written back, lost, skipped),
+    in the same statement or transaction, so a count cannot be lost or doubled; pruning old runs
+    leaves them alone. Concurrent writers spread over `shard` rows (PostgreSQL: by backend), so
+    that the schedulers' commits do not queue on one counter row; readers add the shards up.
+    """
+
+    job_type = models.CharField(max_length=100)
+    status = models.CharField(max_length=16)
+    shard = models.PositiveSmallIntegerField(default=0)
+    total = models.BigIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["job_type", "status", "shard"], name="runcount_one_per_shard"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.job_type} {self.status}: {self.total}"

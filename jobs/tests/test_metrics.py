@@ -13,6 +13,8 @@ from rest_framework.test import APIClient
 
 from jobs import services
 from jobs.models import JobRun, SchedulerProcess
+from jobs.scheduler import runner
+from jobs.scheduler.store import get_store
 
 pytestmark = pytest.mark.django_db
 
@@ -30,6 +32,22 @@ PROMETHEUS_3_ACCEPT = (
 )
 
 
+def finish(job: Any, *, scheduled_for: Any, started_at: Any, took: timedelta) -> None:
+    """A run that a scheduler ran and wrote back as succeeded, as the store does."""
+    worker = SchedulerProcess.objects.create(hostname="h", pid=2, started_at=started_at, last_heartbeat_at=started_at)
+    run = JobRun.objects.create(
+        job=job,
+        scheduled_for=scheduled_for,
+        not_before=scheduled_for,
+        status="running",
+        started_at=started_at,
+        worker=worker,
+    )
+    outcome = runner.Outcome(run, "succeeded", started_at + took)
+    assert get_store().record_outcomes([outcome], worker_id=worker.pk) == [outcome]
+    SchedulerProcess.objects.filter(pk=worker.pk).update(stopped_at=started_at)
+
+
 def _families(response: Any) -> dict[str, Any]:
     text = response.content.decode()
     parse = parse_openmetrics if response["Content-Type"].startswith("application/openmetrics-text") else parse_text
@@ -40,14 +58,7 @@ def test_metrics_report_runs_durations_lateness_and_queue(api: APIClient) -> Non
     now = timezone.now()
     job = services.job_create(name="m", cron_expression="0 0 1 1 *", job_type="test_noop")
     started = now - timedelta(seconds=10)
-    JobRun.objects.create(
-        job=job,
-        scheduled_for=started - timedelta(seconds=0.02),
-        not_before=started,
-        status="succeeded",
-        started_at=started,
-        finished_at=started + timedelta(seconds=0.3),
-    )
+    finish(job, scheduled_for=started - timedelta(seconds=0.02), started_at=started, took=timedelta(seconds=0.3))
     JobRun.objects.create(job=job, scheduled_for=now - timedelta(seconds=1), not_before=now - timedelta(seconds=1))
     SchedulerProcess.objects.create(hostname="h", pid=1, started_at=now, last_heartbeat_at=now)
 
@@ -55,10 +66,10 @@ def test_metrics_report_runs_durations_lateness_and_queue(api: APIClient) -> Non
     assert response.status_code == 200
     assert response["Content-Type"] == TEXT
     families = _families(response)
-    retained = families["scheduler_runs_retained"]
-    assert retained.type == "gauge"
-    runs = {(s.labels["job_type"], s.labels["status"]): s.value for s in retained.samples}
-    assert runs[("test_noop", "succeeded")] == 1 and runs[("test_noop", "queued")] == 1
+    finished = families["scheduler_runs_finished"]
+    assert finished.type == "counter"
+    runs = {(s.labels["job_type"], s.labels["status"]): s.value for s in finished.samples if s.name.endswith("_total")}
+    assert runs == {("test_noop", "succeeded"): 1}  # the queued run is not finished: the queue depth counts it
     duration = {
         s.labels.get("le"): s.value
         for s in families["scheduler_run_duration_seconds"].samples
@@ -100,7 +111,7 @@ def test_metrics_answer_whatever_a_scraper_accepts(api: APIClient, accept: str |
     assert response.status_code == 200, response.content
     assert response["Content-Type"] == content_type
     families = _families(response)  # parses in the format announced, or raises
-    assert {"scheduler_runs_retained", "scheduler_queue_depth", "scheduler_jobs"} <= set(families)
+    assert {"scheduler_runs_finished", "scheduler_queue_depth", "scheduler_jobs"} <= set(families)
     if content_type == OPENMETRICS:
         assert response.content.endswith(b"# EOF\n")
 
@@ -110,9 +121,7 @@ def test_no_counter_goes_down_when_history_is_pruned(api: APIClient) -> None:
     job = services.job_create(name="m", cron_expression="0 0 1 1 *", job_type="test_noop")
     for minutes in range(3):
         when = now - timedelta(minutes=minutes + 1)
-        JobRun.objects.create(
-            job=job, scheduled_for=when, not_before=when, status="succeeded", started_at=when, finished_at=when
-        )
+        finish(job, scheduled_for=when, started_at=when, took=timedelta(0))
 
     def counters() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         families = _families(api.get("/metrics", HTTP_ACCEPT="application/openmetrics-text"))
@@ -128,6 +137,8 @@ def test_no_counter_goes_down_when_history_is_pruned(api: APIClient) -> None:
     JobRun.objects.all().delete()  # what pruning does to old runs
     after = counters()
 
+    finished = ("scheduler_runs_finished_total", (("job_type", "test_noop"), ("status", "succeeded")))
+    assert before[finished] == 3
     assert {key: value for key, value in after.items() if value < before.get(key, 0)} == {}
     assert set(before) <= set(after)
 
@@ -135,8 +146,10 @@ def test_no_counter_goes_down_when_history_is_pruned(api: APIClient) -> None:
 def test_metric_help_says_what_each_series_counts(api: APIClient) -> None:
     text = api.get("/metrics").content.decode()
 
-    assert "# TYPE scheduler_runs_retained gauge" in text
-    assert "retained" in next(line for line in text.splitlines() if line.startswith("# HELP scheduler_runs_retained"))
+    assert "# TYPE scheduler_runs_finished_total counter" in text
+    assert "never lowered by pruning" in next(
+        line for line in text.splitlines() if line.startswith("# HELP scheduler_runs_finished_total")
+    )
 
 
 @pytest.mark.parametrize("accept", ["text/plain", PROMETHEUS_DEFAULT_ACCEPT, None])

@@ -229,6 +229,7 @@ class RunStore:
                 }
                 params += [values[name] for name in fields]
             cursor.execute(self.sql.insert_runs.format(rows=", ".join([self.sql.run_row] * len(chunk))), params)
+            self.count_finished([row for row in cursor.fetchall() if row[1] == JobRun.Status.SKIPPED])
 
     def _expire_stale_runs(self, cursor: Any, now: datetime) -> int:
         """Apply the misfire policy to queued runs that waited past their job's misfire grace.
@@ -251,6 +252,7 @@ class RunStore:
             reasons.setdefault(reason, []).append(run_id)
         for reason, ids in reasons.items():
             cursor.execute(self.sql.expire.format(ids=placeholders(len(ids))), [reason, at, *ids])
+            self.count_finished(cursor.fetchall())
         expired = sum(len(ids) for ids in reasons.values())
         if expired:
             logger.warning("%d queued run(s) waited past their misfire grace; skipped by the misfire policy", expired)
@@ -378,6 +380,18 @@ class RunStore:
                 finished_at=late.finished_at, error=Concat(F("error"), Value(note[:1000]))
             )
 
+    def count_finished(self, rows: list[tuple[Any, ...]]) -> None:
+        """Add runs that just reached a finished status, as (job id, status) rows, to the
+        counters /metrics reports (RunCount), in the caller's transaction: every path that
+        finishes a run calls this (on PostgreSQL the write-back statement counts itself)."""
+        if not rows:
+            return
+        with connection.cursor() as cursor:
+            cursor.execute(
+                self.sql.count_finished.format(rows=", ".join(["(%s, %s)"] * len(rows))),
+                [value for job_id, status in rows for value in (job_id, str(status))],
+            )
+
     def show_last_runs(self, rows: list[tuple[Any, ...]]) -> None:
         """Show each job's latest run of `rows` (run id, job id, started at, status, as the
         database stores them) on the job, unless the job already shows a later one."""
@@ -459,6 +473,7 @@ class RunStore:
         JobRun.objects.bulk_create(retries, ignore_conflicts=True)
         adapt = connection.ops.adapt_datetimefield_value
         self.show_last_runs([(run.pk, run.job_id, adapt(run.started_at or now), str(run.status)) for run in runs])
+        self.count_finished([(run.job_id, run.status) for run in runs])
         return retried
 
 

@@ -41,6 +41,8 @@ SQL = statements(
         # ARRAY(...) runs the locking subquery exactly once; as a join, a re-scan could pick
         # rows it skipped the first time and claim more than the slots.
         picked="= ANY(ARRAY({0} FOR UPDATE SKIP LOCKED))",
+        # 16 shards by backend: schedulers committing at once do not wait for one counter row.
+        count_shard="pg_backend_pid() %% 16",
     )
 )
 _RUN_COLUMNS = columns(JobRun)
@@ -86,7 +88,7 @@ def _outcome_rows() -> str:
 def _write_back() -> str:
     return (
         f"outcome ({OUTCOME_COLUMNS}) AS ({_outcome_rows()}), recorded AS ({SQL.finish_runs}), "
-        f"{SQL.latest}, shown AS ({SQL.show_latest_update} RETURNING job.id)"
+        f"{SQL.latest}, shown AS ({SQL.show_latest_update} RETURNING job.id), counted AS ({SQL.count_recorded})"
     )
 
 

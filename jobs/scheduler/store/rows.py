@@ -13,7 +13,7 @@ from django.db import DEFAULT_DB_ALIAS, connection, connections
 from django.db.models import Model
 from django.utils.dateparse import parse_datetime
 
-from jobs.models import Job, JobRun, SchedulerProcess
+from jobs.models import Job, JobRun, RunCount, SchedulerProcess
 
 ModelT = TypeVar("ModelT", bound=Model)
 
@@ -26,6 +26,7 @@ def quoted(name: str) -> str:
 JOBS = quoted(Job._meta.db_table)
 RUNS = quoted(JobRun._meta.db_table)
 PROCESSES = quoted(SchedulerProcess._meta.db_table)
+COUNTS = quoted(RunCount._meta.db_table)
 
 # Status, trigger and policy values as SQL literals, taken from the models' choices. Literals
 # (not parameters) so that the planners can match the partial indexes' conditions.

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .rows import ACTIVE, JOBS, MISFIRE_SKIP, PROCESSES, RUNS, TRIGGER, S, run_insert
+from .rows import ACTIVE, COUNTS, JOBS, MISFIRE_SKIP, PROCESSES, RUNS, TRIGGER, S, run_insert
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,8 @@ class Dialect:
     stale: str
     # How the claim's UPDATE picks the runs selected by `{0}`.
     picked: str
+    # The RunCount shard this session adds to (SQL; `%%` for a modulo: statements have parameters).
+    count_shard: str
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,8 @@ class Statements:
     next_fire_or_run: str  # the earliest next fire time or queued run
     claim: str  # {returning}: mark the oldest ready runs running on this scheduler
     finish_runs: str  # write the rows of an `outcome` CTE back, fenced; returns what show_latest needs
+    count_finished: str  # {rows}: add (job_id, status) rows of runs just finished to the counters
+    count_recorded: str  # the same from a `recorded` CTE, for a statement that writes runs back
     show_latest: str  # {rows}: show each job's latest recorded run on the job
     latest: str  # the CTEs of show_latest, for a statement that has its own `recorded`
     show_latest_update: str
@@ -61,6 +65,13 @@ _SHOW_LATEST = (
     "FROM latest WHERE job.id = latest.job_id AND (job.last_run_at IS NULL OR job.last_run_at <= latest.started_at)"
 )
 _ON_CONFLICT = "ON CONFLICT (job_id, scheduled_for, attempt) DO NOTHING"
+# Add the runs of `{source}` (job_id, status) to the counters of their job type and status.
+_COUNT = (
+    f"INSERT INTO {COUNTS} (job_type, status, shard, total) SELECT job.job_type, {{source}}.status, {{shard}}, "
+    f"COUNT(*) FROM {{source}} JOIN {JOBS} AS job ON job.id = {{source}}.job_id WHERE true "
+    f"GROUP BY job.job_type, {{source}}.status ON CONFLICT (job_type, status, shard) "
+    f"DO UPDATE SET total = {COUNTS}.total + excluded.total"
+)
 
 
 def statements(dialect: Dialect) -> Statements:
@@ -98,7 +109,7 @@ def statements(dialect: Dialect) -> Statements:
         ),
         expire=(
             f"UPDATE {RUNS} SET status = {S['SKIPPED']}, skip_reason = %s, finished_at = %s "
-            f"WHERE id IN ({{ids}}) AND status = {queued}"
+            f"WHERE id IN ({{ids}}) AND status = {queued} RETURNING job_id, status"
         ),
         # The partial index job_due_idx answers `enabled AND next_run_at <= now`, and
         # jobrun_active_idx (whose condition lists the same statuses) the first EXISTS;
@@ -115,7 +126,7 @@ def statements(dialect: Dialect) -> Statements:
             f"INSERT INTO {RUNS} ({plain_columns}) SELECT {plain_values} FROM {JOBS} WHERE id IN ({{ids}}) "
             f"{_ON_CONFLICT}"
         ),
-        insert_runs=f"INSERT INTO {RUNS} ({row_columns}) VALUES {{rows}} {_ON_CONFLICT}",
+        insert_runs=f"INSERT INTO {RUNS} ({row_columns}) VALUES {{rows}} {_ON_CONFLICT} RETURNING job_id, status",
         run_row=f"({row_values})",
         run_row_fields=row_params,
         advance=f"UPDATE {JOBS} SET next_run_at = %s WHERE id IN ({{ids}})",
@@ -135,6 +146,11 @@ def statements(dialect: Dialect) -> Statements:
             f"WHERE id = outcome.run_id AND status = {S['RUNNING']} AND worker_id = %s "
             "RETURNING id, job_id, COALESCE(started_at, finished_at) AS started_at, status"
         ),
+        count_finished=(
+            "WITH counted (job_id, status) AS (VALUES {rows}) "
+            + _COUNT.format(source="counted", shard=d.count_shard).replace("{", "{{").replace("}", "}}")
+        ),
+        count_recorded=_COUNT.format(source="recorded", shard=d.count_shard),
         show_latest=(f"WITH recorded (id, job_id, started_at, status) AS (VALUES {{rows}}), {_LATEST} {_SHOW_LATEST}"),
         latest=_LATEST,
         show_latest_update=_SHOW_LATEST,

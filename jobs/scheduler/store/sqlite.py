@@ -32,6 +32,7 @@ SQL = statements(
         queue_index=f" INDEXED BY {quoted(QUEUE_INDEX)}",
         stale="julianday({0}) < julianday(%s) - {1} / 86400.0",
         picked="IN ({0})",
+        count_shard="0",  # one writer at a time
     )
 )
 # The outcomes as VALUES rows, written back by the shared fenced UPDATE.
@@ -86,6 +87,7 @@ class SqliteStore(RunStore):
             cursor.execute(FINISH.format(rows=rows), [*params, worker_id])
             recorded = cursor.fetchall()
         self.show_last_runs(recorded)
+        self.count_finished([(job_id, status) for _, job_id, _, status in recorded])
         return {row[0] for row in recorded}
 
     def _write_pass(self, work: Pass) -> PassResult:
