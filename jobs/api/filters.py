@@ -5,7 +5,7 @@ from typing import Any
 
 import django_filters
 from django import forms
-from django.db.models import F, Model, QuerySet
+from django.db.models import Exists, F, Field, Model, OuterRef, QuerySet
 from rest_framework import filters
 from rest_framework.exceptions import ValidationError
 from rest_framework.request import Request
@@ -89,13 +89,21 @@ class JobFilter(django_filters.FilterSet):
 
 class JobRunFilter(django_filters.FilterSet):
     job = IdFilter(field_name="job_id", help_text="Only runs of this job id.")
-    status = django_filters.MultipleChoiceFilter(choices=JobRun.Status.choices)
+    # No DISTINCT (django-filter's default for lists): one column's IN cannot repeat a row, and
+    # DISTINCT would sort every matching run instead of reading the first page from an index.
+    status = django_filters.MultipleChoiceFilter(choices=JobRun.Status.choices, distinct=False)
     trigger = django_filters.ChoiceFilter(choices=JobRun.Trigger.choices)
-    job_type = django_filters.CharFilter(field_name="job__job_type")
+    job_type = django_filters.CharFilter(method="filter_job_type", help_text="Only runs of jobs of this type.")
     scheduled_after, scheduled_before = date_range("scheduled_for")
     started_after, started_before = date_range("started_at")
 
     Meta = declared_only(JobRun)
+
+    def filter_job_type(self, queryset: QuerySet[JobRun], name: str, value: str) -> QuerySet[JobRun]:
+        # EXISTS rather than a join or IN: SQLite, which keeps no statistics, would otherwise
+        # start from the jobs of the type and sort all their runs, instead of reading the history
+        # in order and keeping the runs whose job is of the type.
+        return queryset.filter(Exists(Job.objects.filter(pk=OuterRef("job_id"), job_type=value)))
 
 
 class SearchFilter(filters.SearchFilter):
@@ -114,21 +122,98 @@ class SearchFilter(filters.SearchFilter):
 
 
 class OrderingFilter(filters.OrderingFilter):
-    """DRF's ordering, with empty timestamps last in both directions and the id to break ties.
+    """DRF's ordering by one field, with empty timestamps last and the id after it in the same direction.
 
     SQLite sorts NULL first and PostgreSQL last, so without this `?ordering=-next_run_at` would
-    answer differently on the two; the id tie-break keeps pages from repeating or losing rows.
+    answer differently on the two; the id keeps pages from repeating or losing rows. Both
+    directions of (field, id) are one index read forwards or backwards (see Job.Meta.indexes), so
+    orderings combine no fields: a combination no index serves is a 400, and so is a field the
+    list used to offer (the view's `withdrawn_ordering_fields`, with what to use instead). Other
+    names are ignored, as DRF does.
     """
+
+    def get_ordering(self, request: Request, queryset: QuerySet[Any], view: Any) -> list[str]:
+        withdrawn: dict[str, str] = getattr(view, "withdrawn_ordering_fields", {})
+        for term in request.query_params.get(self.ordering_param, "").split(","):
+            name = term.strip().lstrip("-")
+            if name in withdrawn:
+                message = f"{name} is no longer offered: {withdrawn[name]} {one_field_message(view)}"
+                raise ValidationError({self.ordering_param: [message]})
+        ordering = super().get_ordering(request, queryset, view) or []
+        if len(ordering) > 1:
+            raise ValidationError({self.ordering_param: [one_field_message(view)]})
+        return list(ordering)
 
     def filter_queryset(self, request: Request, queryset: QuerySet[Any], view: Any) -> QuerySet[Any]:
         ordering = self.get_ordering(request, queryset, view)
         if not ordering:
             return queryset
-        names = [name.lstrip("-") for name in ordering]
-        expressions = [
-            F(name[1:]).desc(nulls_last=True) if name.startswith("-") else F(name).asc(nulls_last=True)
-            for name in ordering
-        ]
-        if "id" not in names and "pk" not in names:
-            expressions.append(F("id").asc())
-        return queryset.order_by(*expressions)
+        return queryset.order_by(*with_id(ordering[0], model=queryset.model))
+
+    def get_schema_operation_parameters(self, view: Any) -> list[dict[str, Any]]:
+        withdrawn = ", ".join(f"`{name}`" for name in getattr(view, "withdrawn_ordering_fields", {}))
+        unknown = f"No longer offered, a 400: {withdrawn}. Other names are ignored." if withdrawn else ""
+        return [ordering_parameter(self.ordering_param, view, unknown or "Other names are ignored.")]
+
+
+class KeysetOrderingFilter(OrderingFilter):
+    """One of the view's `ordering_fields`, then the id, for keyset pagination (see KeysetPagination).
+
+    Anything else is a 400 naming the parameter: the cursor holds the values of exactly this key.
+    """
+
+    def get_ordering(self, request: Request, queryset: QuerySet[Any], view: Any) -> list[str]:
+        terms = [term.strip() for term in request.query_params.get(self.ordering_param, "").split(",") if term.strip()]
+        if not terms:
+            return with_id(view.ordering[0])
+        if len(terms) > 1 or terms[0].lstrip("-") not in view.ordering_fields:
+            raise ValidationError({self.ordering_param: [one_field_message(view)]})
+        return with_id(terms[0])
+
+    def filter_queryset(self, request: Request, queryset: QuerySet[Any], view: Any) -> QuerySet[Any]:
+        return queryset.order_by(*self.get_ordering(request, queryset, view))
+
+    def get_schema_operation_parameters(self, view: Any) -> list[dict[str, Any]]:
+        return [ordering_parameter(self.ordering_param, view, "Anything else is a 400.")]
+
+
+def with_id(term: str, *, model: type[Model] | None = None) -> list[Any]:
+    """Return the ordering by `term` then the id, both in the direction of `term` (`-` for descending).
+
+    With `model`, a nullable field's empty values come last. Only those: PostgreSQL matches an
+    index to NULLS LAST only when the index was built so, whether or not the column holds NULLs.
+    """
+    descending, name = term.startswith("-"), term.lstrip("-")
+    if name in {"id", "pk"}:
+        return [term]
+    field = None if model is None else model._meta.get_field(name)
+    if not (isinstance(field, Field) and field.null):
+        return [term, "-id" if descending else "id"]
+    column = F(name).desc(nulls_last=True) if descending else F(name).asc(nulls_last=True)
+    return [column, F("id").desc() if descending else F("id").asc()]
+
+
+def ordering_choices(view: Any) -> list[str]:
+    return [choice for name in view.ordering_fields for choice in (name, f"-{name}")]
+
+
+def one_field_message(view: Any) -> str:
+    return f"Order by one of {', '.join(ordering_choices(view))}."
+
+
+def ordering_parameter(name: str, view: Any, unknown: str) -> dict[str, Any]:
+    """Return the OpenAPI parameter of the view's ordering: its choices, as an enum."""
+    model = view.get_queryset().model
+    nullable = [field for field in view.ordering_fields if getattr(model._meta.get_field(field), "null", False)]
+    names = ", ".join(f"`{field}`" for field in nullable)
+    empty_last = f" Empty values of {names} come last in both directions." if nullable else ""
+    return {
+        "name": name,
+        "required": False,
+        "in": "query",
+        "description": (
+            f"One field, `-` first for descending, the id breaking ties in the same direction; "
+            f"default `{view.ordering[0]}`.{empty_last} {unknown}"
+        ),
+        "schema": {"type": "string", "enum": ordering_choices(view)},
+    }

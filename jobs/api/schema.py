@@ -141,6 +141,7 @@ JOB_CREATE_EXAMPLES = [
 NOT_FOUND_REASONS = {
     "path": "no object has this id",
     "page": "the page is past the last one",
+    "cursor": "the cursor is not one this list gave",
     "format": "the `format` query parameter names no format this answers",
 }
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
@@ -212,6 +213,8 @@ class AutoSchema(SpectacularAutoSchema):
                 generic = {"detail": f"No {queryset.model.__name__} matches the given query."}
             elif reasons[0] == "page":
                 generic = {"detail": "Invalid page."}
+            elif reasons[0] == "cursor":
+                generic = {"detail": "Invalid cursor"}
         examples = [
             example
             for example in self.get_examples()
@@ -232,12 +235,14 @@ class AutoSchema(SpectacularAutoSchema):
         }
 
     def not_found_reasons(self, operation: dict[str, Any]) -> list[str]:
-        """Return why this operation can answer 404: an unknown id, a page past the last, a bad `format`."""
+        """Return why this operation can answer 404: an unknown id, a page past the last, a cursor
+        this API did not give, a bad `format`."""
         parameters = {(parameter["in"], parameter["name"]) for parameter in operation.get("parameters", [])}
         paginator = getattr(self.view, "paginator", None)
         checks = {
             "path": any(place == "path" for place, _ in parameters),
             "page": ("query", getattr(paginator, "page_query_param", None)) in parameters,
+            "cursor": ("query", getattr(paginator, "cursor_query_param", None)) in parameters,
             "format": ("query", api_settings.URL_FORMAT_OVERRIDE) in parameters,
         }
         return [reason for reason, applies in checks.items() if applies]

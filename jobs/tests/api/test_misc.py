@@ -236,7 +236,7 @@ def test_schema_is_a_valid_openapi_3_document() -> None:
     assert set(paths["/jobs"]) == {"get", "post"}
     assert "202" in paths["/jobs/{id}/run"]["post"]["responses"]
     run_filters = {parameter["name"] for parameter in paths["/jobs/{id}/runs"]["get"]["parameters"]}
-    assert {"status", "trigger", "scheduled_after", "scheduled_before", "page", "ordering"} <= run_filters
+    assert {"status", "trigger", "scheduled_after", "scheduled_before", "cursor", "ordering"} <= run_filters
     job_filters = {parameter["name"] for parameter in paths["/jobs"]["get"]["parameters"]}
     assert {"job_type", "enabled", "last_run_status", "next_run_after", "next_run_before", "search"} <= job_filters
     assert "tokenAuth" in document["components"]["securitySchemes"]

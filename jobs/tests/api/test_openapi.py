@@ -133,7 +133,7 @@ def _error_example(document: dict[str, Any], operation: str, status: str) -> Any
         ("GET /jobs/{id}", "403", {"client": "no permissions", "path": "/jobs/1"}),
         ("GET /jobs/{id}", "404", {"path": "/jobs/424242"}),
         ("GET /runs/{id}", "404", {"path": "/runs/424242"}),
-        ("GET /runs", "404", {"path": "/runs?page=9"}),
+        ("GET /runs", "404", {"path": "/runs?cursor=bm90IG91cnM="}),
         ("GET /jobs", "406", {"path": "/jobs", "HTTP_ACCEPT": "image/png"}),
         ("GET /job-types", "400", {"path": "/job-types?" + "&".join(["x=1"] * 1001)}),
         ("POST /jobs", "400", {"method": "post", "path": "/jobs", "body": {"cron_expression": "60 9 * * *"}}),

@@ -135,9 +135,8 @@ def test_runs_are_newest_first(api: APIClient, history: dict[str, JobRun]) -> No
         ({"scheduled_after": "2026-06-01T12:00:00+02:00"}, ["skipped", "manual", "retry", "failed"]),
         ({"started_after": "2026-06-01T09:30:00Z"}, ["failed"]),
         ({"ordering": "scheduled_for"}, ["ok", "failed", "retry", "manual", "skipped"]),
-        # Runs not started yet come last either way (SQLite and PostgreSQL agree), ties by id.
-        ({"ordering": "-started_at"}, ["failed", "ok", "retry", "manual", "skipped"]),
-        ({"ordering": "started_at"}, ["ok", "failed", "retry", "manual", "skipped"]),
+        ({"ordering": "-id"}, ["skipped", "manual", "retry", "failed", "ok"]),
+        ({"ordering": "id"}, ["ok", "failed", "retry", "manual", "skipped"]),
     ],
 )
 def test_run_filters_and_ordering(
@@ -156,6 +155,11 @@ def test_runs_filtered_by_job(api: APIClient, history: dict[str, JobRun]) -> Non
 @pytest.mark.parametrize(
     "query",
     [
+        # Orderings no index serves, or over times that change while a run runs, are refused.
+        {"ordering": "started_at"},
+        {"ordering": "-finished_at"},
+        {"ordering": "job__name"},
+        {"ordering": "scheduled_for,id"},
         {"status": "exploded"},
         {"trigger": "cron"},
         {"scheduled_after": "yesterday"},
@@ -186,22 +190,23 @@ def test_job_runs_lists_only_that_jobs_runs(api: APIClient, history: dict[str, J
     assert api.get(f"/jobs/{report}/runs", {"status": "exploded"}).status_code == 400
 
 
-def test_job_runs_are_paginated(api: APIClient) -> None:
+def test_job_runs_are_paginated_by_cursor_without_a_count(api: APIClient) -> None:
     job = make_job("busy")
     for hour in range(5):
         make_run(job, hour)
 
     page = api.get(f"/jobs/{job.pk}/runs", {"page_size": 2}).json()
 
-    assert page["count"] == 5
+    assert set(page) == {"next", "previous", "results"}
     assert len(page["results"]) == 2
-    assert "page=2" in page["next"]
+    assert page["previous"] is None
+    assert "cursor=" in page["next"] and "page_size=2" in page["next"]
 
 
 def test_job_without_runs_has_an_empty_list(api: APIClient) -> None:
     job = make_job("new")
 
-    assert api.get(f"/jobs/{job.pk}/runs").json() == {"count": 0, "next": None, "previous": None, "results": []}
+    assert api.get(f"/jobs/{job.pk}/runs").json() == {"next": None, "previous": None, "results": []}
 
 
 def test_runs_are_read_only(api: APIClient, history: dict[str, JobRun]) -> None:

@@ -575,7 +575,9 @@ def test_a_job_whose_schedule_cannot_be_computed_is_skipped_alone_and_tried_agai
 
 def test_the_runs_table_has_exactly_the_indexes_the_scheduler_needs(db):
     """Every index on the runs table costs each update of a run; only these should be there
-    (the primary key, the one-run-per-fire constraint and the partial indexes of JobRun.Meta)."""
+    (the primary key, the one-run-per-fire constraint, the partial indexes of JobRun.Meta, and the
+    history index the API's run lists and the metrics page through; see migration 0006 for what
+    it costs)."""
     with connection.cursor() as cursor:
         constraints = connection.introspection.get_constraints(cursor, JobRun._meta.db_table)
     indexes = {
@@ -591,6 +593,8 @@ def test_the_runs_table_has_exactly_the_indexes_the_scheduler_needs(db):
         # Holds only timed-out runs whose thread still runs: none on the hot path.
         "jobrun_lingering_idx": ["job_id"],
         "jobrun_trouble_idx": ["scheduled_for"],
+        # Columns set once, when the run is written: GET /runs pages through it by keyset.
+        "jobrun_history_idx": ["scheduled_for", "id"],
     }
 
 
