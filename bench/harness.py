@@ -158,8 +158,11 @@ def _pg_admin(admin_url: str, statement: str) -> None:
 
 
 @contextmanager
-def throwaway_database(vendor: str, prefix: str, admin_url: str) -> Iterator[Database]:
-    """Create an empty database (a temp SQLite file, or a PostgreSQL database) and remove it afterwards."""
+def throwaway_database(vendor: str, prefix: str, admin_url: str, *, keep: bool = False) -> Iterator[Database]:
+    """Create an empty database (a temp SQLite file, or a PostgreSQL database) and remove it afterwards.
+
+    `keep`: leave the PostgreSQL database in place (bench/api.py --keep, to measure it again).
+    """
     if vendor == "sqlite":
         folder = tempfile.mkdtemp(prefix=f"{prefix}-")
         path = Path(folder) / "bench.sqlite3"
@@ -180,7 +183,8 @@ def throwaway_database(vendor: str, prefix: str, admin_url: str) -> Iterator[Dat
             connections.close_all()
         except Exception:  # noqa: BLE001 - Django may not be set up yet; the drop is what matters
             pass
-        _pg_admin(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        if not keep:
+            _pg_admin(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def environment(database: Database, args: argparse.Namespace) -> dict[str, str]:
