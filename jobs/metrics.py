@@ -16,13 +16,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 
-from django.db.models import Count, F, Sum
+from django.db.models import F, Sum
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.registry import Collector
 
 from .conf import config
+from .counting import EXACT_COUNT_LIMIT, bounded_count
 from .models import Job, JobRun, RunCount, SchedulerProcess
 from .scheduler.clock import database_now
 
@@ -81,9 +82,13 @@ class SchedulerCollector(Collector):
         running = GaugeMetricFamily("scheduler_runs_running", "Runs executing now.")
         running.add_metric([], JobRun.objects.running().count())
         yield running
-        jobs = GaugeMetricFamily("scheduler_jobs", "Jobs, by enabled flag.", labels=["enabled"])
-        for row in Job.objects.values("enabled").annotate(total=Count("id")).order_by():
-            jobs.add_metric([str(row["enabled"]).lower()], row["total"])
+        jobs = GaugeMetricFamily(
+            "scheduler_jobs",
+            f"Jobs, by enabled flag; exact up to {EXACT_COUNT_LIMIT:,}, PostgreSQL's estimate above.",
+            labels=["enabled"],
+        )
+        for enabled in (True, False):
+            jobs.add_metric([str(enabled).lower()], bounded_count(Job.objects.filter(enabled=enabled))[0])
         yield jobs
         alive = GaugeMetricFamily("scheduler_processes_alive", "Scheduler processes with a fresh heartbeat.")
         alive.add_metric(

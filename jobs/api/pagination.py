@@ -19,7 +19,6 @@ from urllib import parse
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.core.paginator import EmptyPage, Page
 from django.core.paginator import Paginator as DjangoPaginator
-from django.db import connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import BooleanField, F, Func, Model, QuerySet, Value
 from django.db.models.sql.compiler import SQLCompiler
@@ -29,8 +28,9 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.utils.urls import replace_query_param
 
+from jobs.counting import EXACT_COUNT_LIMIT, bounded_count
+
 MAX_ID = 2**63 - 1
-EXACT_COUNT_LIMIT = 10_000
 
 
 class LookaheadPage(Page):
@@ -63,16 +63,8 @@ class BoundedCountPaginator(DjangoPaginator):
 
     @cached_property
     def count(self) -> int:
-        rows = cast("QuerySet[Any]", self.object_list).order_by().values("pk")  # the view's queryset
-        if connections[rows.db].vendor != "postgresql":
-            return rows.count()
-        counted = rows[: self.exact_count_limit + 1].count()
-        if counted <= self.exact_count_limit:
-            return counted
-        # Above the limit, `count` is an estimate, and never one that looks exact.
-        self.estimated = True
-        plan = json.loads(rows.explain(format="json"))
-        return max(round(plan[0]["Plan"]["Plan Rows"]), self.exact_count_limit + 1)
+        counted, self.estimated = bounded_count(cast("QuerySet[Any]", self.object_list), self.exact_count_limit)
+        return counted
 
     def validate_number(self, number: Any) -> int:
         """Refuse a page past the last when the count is exact; an estimate cannot say where the last is."""
