@@ -117,12 +117,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--no-plans", action="store_true", help="skip EXPLAIN ANALYZE of the list queries")
     parser.add_argument("--timeout", type=float, default=3 * 3600, help="stop everything after this many seconds")
     args = parser.parse_args(argv)
-    try:
-        args.client_counts = sorted({int(count) for count in str(args.clients).split(",") if count.strip()})
-    except ValueError:
-        parser.error("--clients takes whole numbers separated by commas, e.g. 1,4")
-    if not args.client_counts or args.client_counts[0] < 1:
-        parser.error("--clients needs at least one count, all positive")
+    args.client_counts = harness.counts_option(parser, args.clients, "--clients", minimum=1, example="1,4")
     if args.jobs < 1 or args.runs < 0:
         parser.error("--jobs must be at least 1 and --runs at least 0")
     if args.requests < 1 or args.seconds <= 0:

@@ -61,6 +61,18 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def counts_option(parser: argparse.ArgumentParser, text: str, option: str, *, minimum: int, example: str) -> list[int]:
+    """The sorted, distinct whole numbers of a comma-separated option, each at least `minimum`;
+    a usage error naming `option` otherwise."""
+    try:
+        counts = sorted({int(count) for count in str(text).split(",") if count.strip()})
+    except ValueError:
+        parser.error(f"{option} takes whole numbers separated by commas, e.g. {example}")
+    if not counts or counts[0] < minimum:
+        parser.error(f"{option} needs at least one count, {'all positive' if minimum > 0 else 'none negative'}")
+    return counts
+
+
 def exit_on_sigterm() -> None:
     """Turn SIGTERM into SystemExit so the `finally` blocks stop processes and drop databases."""
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

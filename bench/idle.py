@@ -50,12 +50,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=5, help="seconds left out at the start (default 5)")
     parser.add_argument("--sample", type=float, default=0.5, help="seconds between RSS samples (default 0.5)")
     args = parser.parse_args(argv)
-    try:
-        args.job_counts = sorted({int(count) for count in str(args.jobs).split(",") if count.strip()})
-    except ValueError:
-        parser.error("--jobs takes whole numbers separated by commas, e.g. 0,100000")
-    if not args.job_counts or args.job_counts[0] < 0:
-        parser.error("--jobs needs at least one count, none negative")
+    args.job_counts = harness.counts_option(parser, args.jobs, "--jobs", minimum=0, example="0,100000")
     if args.seconds - args.warmup < 5:
         parser.error("--seconds must exceed --warmup by at least 5")
     return args

@@ -28,7 +28,7 @@ from jobs.models import Job, JobRun, SchedulerProcess, heartbeat_cutoff
 from .. import retry
 from ..firing import BROKEN_SCHEDULE_RETRY, DueJob, FireReport, Planned, fires_until, plan_runs
 from ..runner import Outcome
-from .rows import aware, placeholders
+from .rows import aware, placeholders, values_rows
 from .sql import Statements
 
 logger = logging.getLogger(__name__)
@@ -86,8 +86,9 @@ class ChangeWatcher:
 class RunStore:
     """The scheduler's reads and writes of jobs and runs on one kind of database."""
 
-    vendor: str
     sql: Statements
+    # Whether _finish_runs is a single statement (atomic by itself: no transaction needed).
+    finishes_in_one_statement = False
 
     # -- what each database does its own way --------------------------------------------------
 
@@ -124,10 +125,6 @@ class RunStore:
     def _finish_runs(self, outcomes: list[Outcome], worker_id: int) -> set[int]:
         """Write the outcomes, fenced, and show each job's latest run; return the ids written."""
         raise NotImplementedError
-
-    def _one_statement(self, outcomes: list[Outcome]) -> bool:
-        """Whether recording these outcomes is a single statement (atomic without a transaction)."""
-        return False
 
     # -- the pass ----------------------------------------------------------------------------
 
@@ -295,7 +292,7 @@ class RunStore:
         if not outcomes:
             return []
         retrying = [outcome for outcome in outcomes if outcome.retry_at is not None]
-        atomic = not (self._one_statement(outcomes) and not retrying)
+        atomic = bool(retrying) or not self.finishes_in_one_statement
         with transaction.atomic(savepoint=False) if atomic else nullcontext():
             finished = self._finish_runs(outcomes, worker_id)
             accepted = self.accepted_outcomes(outcomes, finished)
@@ -386,22 +383,18 @@ class RunStore:
         finishes a run calls this (on PostgreSQL the write-back statement counts itself)."""
         if not rows:
             return
+        values, params = values_rows([(job_id, str(status)) for job_id, status in rows])
         with connection.cursor() as cursor:
-            cursor.execute(
-                self.sql.count_finished.format(rows=", ".join(["(%s, %s)"] * len(rows))),
-                [value for job_id, status in rows for value in (job_id, str(status))],
-            )
+            cursor.execute(self.sql.count_finished.format(rows=values), params)
 
     def show_last_runs(self, rows: list[tuple[Any, ...]]) -> None:
         """Show each job's latest run of `rows` (run id, job id, started at, status, as the
         database stores them) on the job, unless the job already shows a later one."""
         if not rows:
             return
+        values, params = values_rows(rows)
         with connection.cursor() as cursor:
-            cursor.execute(
-                self.sql.show_latest.format(rows=", ".join(["(%s, %s, %s, %s)"] * len(rows))),
-                [value for row in rows for value in row],
-            )
+            cursor.execute(self.sql.show_latest.format(rows=values), params)
 
     # -- recovery ----------------------------------------------------------------------------
 

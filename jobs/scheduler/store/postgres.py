@@ -104,8 +104,8 @@ def _write_back_params(outcomes: list[Outcome], worker_id: int) -> list[Any]:
 
 
 class PostgresStore(RunStore):
-    vendor = "postgresql"
     sql = SQL
+    finishes_in_one_statement = True
 
     def clock(self) -> Callable[[], datetime]:
         return DatabaseClock(read=server_time)
@@ -130,9 +130,6 @@ class PostgresStore(RunStore):
     def presumed_dead(self, process: SchedulerProcess, *, now: datetime) -> bool:
         alive = liveness.session_open(process)
         return liveness.judged_dead(process, alive=alive, evidence="its database session is still open", now=now)
-
-    def _one_statement(self, outcomes: list[Outcome]) -> bool:
-        return True
 
     def claim_runs(self, *, worker_id: int, slots: int, now: datetime, lost_after: float | None = None) -> list[JobRun]:
         """One statement that claims and joins the jobs: one round trip, no transaction of its own."""

@@ -4,7 +4,7 @@ built from raw rows the way the ORM builds them."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -44,6 +44,13 @@ def columns(model: type[Model]) -> list[str]:
 
 def placeholders(count: int) -> str:
     return ", ".join(["%s"] * count)
+
+
+def values_rows(rows: Sequence[Sequence[Any]]) -> tuple[str, list[Any]]:
+    """The placeholder rows of a `VALUES` list for `rows` (all of one width), and their
+    parameters in order."""
+    width = len(rows[0])
+    return ", ".join([f"({placeholders(width)})"] * len(rows)), [value for row in rows for value in row]
 
 
 def run_insert(values: dict[str, str]) -> tuple[str, str, tuple[str, ...]]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
 
 from django.db import connection, transaction
 from django.utils import timezone
@@ -17,7 +16,7 @@ from jobs.models import Job, JobRun, SchedulerProcess
 from .. import liveness
 from ..runner import Outcome
 from .base import ChangeWatcher, Pass, PassResult, RunStore
-from .rows import JOBS, QUEUE_INDEX, columns, instances, placeholders, quoted, with_jobs
+from .rows import JOBS, QUEUE_INDEX, columns, instances, placeholders, quoted, values_rows, with_jobs
 from .sql import OUTCOME_COLUMNS, Dialect, statements
 
 logger = logging.getLogger(__name__)
@@ -43,7 +42,6 @@ WATCH_SECONDS = 0.5
 
 
 class SqliteStore(RunStore):
-    vendor = "sqlite"
     sql = SQL
 
     def clock(self) -> Callable[[], datetime]:
@@ -78,13 +76,20 @@ class SqliteStore(RunStore):
         """One fenced UPDATE of the runs; the rows it returns feed the UPDATE of their jobs' last
         run (SQLite has no data-modifying CTEs)."""
         adapt = connection.ops.adapt_datetimefield_value
-        params: list[Any] = []
-        for outcome in outcomes:
-            params += [outcome.run.pk, str(outcome.status), adapt(outcome.stored_finished_at), outcome.result_json]
-            params.append(outcome.error)
+        values, params = values_rows(
+            [
+                (
+                    outcome.run.pk,
+                    str(outcome.status),
+                    adapt(outcome.stored_finished_at),
+                    outcome.result_json,
+                    outcome.error,
+                )
+                for outcome in outcomes
+            ]
+        )
         with connection.cursor() as cursor:
-            rows = ", ".join(["(%s, %s, %s, %s, %s)"] * len(outcomes))
-            cursor.execute(FINISH.format(rows=rows), [*params, worker_id])
+            cursor.execute(FINISH.format(rows=values), [*params, worker_id])
             recorded = cursor.fetchall()
         self.show_last_runs(recorded)
         self.count_finished([(job_id, status) for _, job_id, _, status in recorded])
