@@ -12,6 +12,7 @@ running; every scheduler stops with status 0 on SIGTERM.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,10 @@ def every_second_jobs(path: Path) -> list[dict[str, Any]]:
     ]
 
 
+FINISHED = {"succeeded", "failed", "timed_out", "skipped", "lost"}
+COUNTED_BY_STATUS = "SELECT status, SUM(total) FROM jobs_runcount GROUP BY status"
+
+
 @dataclass
 class Timeline:
     """Fault events at fixed offsets from the start, with when each really happened."""
@@ -83,9 +88,10 @@ def finish(fleet: Fleet, database: FaultDatabase) -> tuple[bool, dict[int, int |
 
 
 def check(fleet: Fleet, database: FaultDatabase, path: Path, statuses: dict[int, int | None]) -> Audit:
+    runs = database.runs()
     report = audit(
         jobs=database.jobs(),
-        runs=database.runs(),
+        runs=runs,
         lines=read_lines(path),
         schedulers=database.schedulers(),
         killed_pids=fleet.killed,
@@ -95,6 +101,12 @@ def check(fleet: Fleet, database: FaultDatabase, path: Path, statuses: dict[int,
     for pid, status in statuses.items():
         if status != 0:
             report.problem("scheduler did not exit 0 on SIGTERM", f"pid {pid}: {status}")
+    # The /metrics counters went through the same kills, pauses and outages: each finished run
+    # counted once, none lost or doubled.
+    counted = {status: int(total) for status, total in database.query(COUNTED_BY_STATUS)}
+    finished = Counter(run.status for run in runs if run.status in FINISHED)
+    if counted != finished:
+        report.problem("the finished-run counters disagree with the runs", f"counted {counted}, runs {dict(finished)}")
     return report
 
 
