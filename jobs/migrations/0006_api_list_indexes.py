@@ -23,26 +23,12 @@ from typing import Any
 
 from django.db import migrations, models
 
+from jobs.migration_operations import AddIndexConcurrently
+
 # PostgreSQL keeps NULLs at the high end of an index, so a backward scan of (time, id) lists empty
 # times first; the API lists them last in both directions. This index serves `-next_run_at` there.
 # SQLite needs none (it reads NULLs last going backwards) and cannot declare NULLS LAST.
 POSTGRES_DESCENDING = {"job_next_run_desc_idx": "next_run_at"}
-
-
-class AddIndexConcurrently(migrations.AddIndex):
-    """AddIndex, built CONCURRENTLY on PostgreSQL so that writes to the table go on meanwhile."""
-
-    def database_forwards(self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any) -> None:
-        model = to_state.apps.get_model(app_label, self.model_name)
-        if self.allow_migrate_model(schema_editor.connection.alias, model):
-            concurrently = {"concurrently": True} if schema_editor.connection.vendor == "postgresql" else {}
-            schema_editor.add_index(model, self.index, **concurrently)
-
-    def database_backwards(self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any) -> None:
-        model = from_state.apps.get_model(app_label, self.model_name)
-        if self.allow_migrate_model(schema_editor.connection.alias, model):
-            concurrently = {"concurrently": True} if schema_editor.connection.vendor == "postgresql" else {}
-            schema_editor.remove_index(model, self.index, **concurrently)
 
 
 def add_postgres_descending(apps: Any, schema_editor: Any) -> None:
