@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_text
+from pytest_django import DjangoAssertNumQueries
 from rest_framework.test import APIClient
 
-from jobs import services
-from jobs.models import JobRun, SchedulerProcess
+from jobs import metrics, services
+from jobs.models import Job, JobRun, SchedulerProcess
 from jobs.scheduler import runner
 from jobs.scheduler.store import get_store
+from jobs.tests.plans import explain, statements
 
 pytestmark = pytest.mark.django_db
 
@@ -189,3 +193,107 @@ def test_metrics_unknown_format_and_options_answer_json(api: APIClient) -> None:
     assert options.status_code == 200
     assert options["Content-Type"] == "application/json"
     assert options.json()["name"] == "Metrics"
+
+
+# --- Cost: the same statements at any history size, each read from an index ----------------------
+
+
+def add_history(
+    jobs: int, runs_per_job: int, *, now: datetime, apart: timedelta = timedelta(minutes=1), disabled_every: int = 50
+) -> None:
+    """`jobs` jobs (every `disabled_every`-th disabled), each with finished runs `apart` up to `now`."""
+    created = Job.objects.bulk_create(
+        Job(
+            name=f"h{Job.objects.count() + n}",
+            cron_expression="* * * * *",
+            timezone="UTC",
+            job_type="test_noop",
+            enabled=n % disabled_every != 0,
+            next_run_at=None if n % disabled_every == 0 else now + timedelta(minutes=1),
+        )
+        for n in range(jobs)
+    )
+    JobRun.objects.bulk_create(
+        JobRun(
+            job=job,
+            scheduled_for=now - n * apart,
+            not_before=now - n * apart,
+            status="succeeded",
+            started_at=now - n * apart + timedelta(seconds=1),
+            finished_at=now - n * apart + timedelta(seconds=3),
+        )
+        for job in created
+        for n in range(1, runs_per_job + 1)
+    )
+
+
+def test_metrics_cost_the_same_statements_at_any_history_size(
+    api: APIClient, django_assert_num_queries: DjangoAssertNumQueries
+) -> None:
+    now = timezone.now()
+    add_history(2, 1, now=now)
+    with CaptureQueriesContext(connection) as small:
+        assert api.get("/metrics").status_code == 200
+
+    add_history(200, 20, now=now)
+    with django_assert_num_queries(len(small.captured_queries)):
+        response = api.get("/metrics")
+    duration = {s.labels.get("le"): s.value for s in _families(response)["scheduler_run_duration_seconds"].samples}
+    assert duration["+Inf"] == 2 + 200 * 20
+
+
+def test_the_histograms_hold_the_newest_runs_of_the_last_hour(api: APIClient, monkeypatch: Any) -> None:
+    now = timezone.now()
+    job = services.job_create(name="m", cron_expression="0 0 1 1 *", job_type="test_noop")
+    for minutes in (10, 20, 30, 40, 50, 120):
+        fired = now - timedelta(minutes=minutes)
+        JobRun.objects.create(
+            job=job,
+            scheduled_for=fired,
+            not_before=fired,
+            status="running" if minutes == 10 else "succeeded",
+            started_at=fired + timedelta(seconds=minutes),  # late by `minutes` seconds
+            finished_at=None if minutes == 10 else fired + timedelta(seconds=2 * minutes),
+        )
+
+    def observed() -> dict[str, tuple[float, float]]:
+        families = _families(api.get("/metrics"))
+        return {
+            name: (
+                next(s.value for s in families[name].samples if s.name.endswith("_count")),
+                next(s.value for s in families[name].samples if s.name.endswith("_sum")),
+            )
+            for name in ("scheduler_run_duration_seconds", "scheduler_run_start_lateness_seconds")
+        }
+
+    # The run fired two hours ago is outside the window; the running one has no duration yet.
+    assert observed() == {
+        "scheduler_run_duration_seconds": (4, 20 + 30 + 40 + 50),
+        "scheduler_run_start_lateness_seconds": (5, 10 + 20 + 30 + 40 + 50),
+    }
+    monkeypatch.setattr(metrics, "MAX_SAMPLES", 3)
+    assert observed() == {
+        "scheduler_run_duration_seconds": (2, 20 + 30),
+        "scheduler_run_start_lateness_seconds": (3, 10 + 20 + 30),
+    }
+
+
+@pytest.mark.postgres
+def test_metrics_read_the_runs_and_the_job_counts_from_indexes(api: APIClient) -> None:
+    # Of 20,000 runs, the last hour holds a twentieth.
+    add_history(1000, 20, now=timezone.now(), apart=timedelta(hours=1))
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE")
+
+    with statements() as recorded:
+        assert api.get("/metrics").status_code == 200
+
+    plans = [explain(sql, params) for sql, params in recorded if '"jobs_job' in sql and not sql.startswith("EXPLAIN")]
+    for nodes, text in plans:
+        assert "jobs_jobrun" not in [node.get("Relation Name") for node in nodes if node["Node Type"] == "Seq Scan"], (
+            text
+        )
+    # The enabled jobs may be read from the table: their count stops at its LIMIT (jobs.counting).
+    # The disabled ones, often none, would be looked for through the whole table without their index.
+    used = {node.get("Index Name") for nodes, _ in plans for node in nodes}
+    assert {"jobrun_history_idx", "job_disabled_idx"} <= used, used

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import json
 from base64 import b64decode, b64encode
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -21,6 +20,7 @@ from rest_framework.test import APIClient
 
 from jobs.api.pagination import EXACT_COUNT_LIMIT, BoundedCountPaginator
 from jobs.models import Job, JobRun, SchedulerProcess
+from jobs.tests.plans import explain, statements
 
 pytestmark = pytest.mark.django_db
 
@@ -66,19 +66,6 @@ def add_jobs(count: int, *, runs_per_job: int, first: int = 0) -> list[Job]:
             )
     JobRun.objects.bulk_create(runs)
     return jobs
-
-
-@contextmanager
-def statements() -> Iterator[list[tuple[str, Any]]]:
-    """Record each statement with its parameters, as the database receives them."""
-    recorded: list[tuple[str, Any]] = []
-
-    def record(execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any) -> Any:
-        recorded.append((sql, params))
-        return execute(sql, params, many, context)
-
-    with connection.execute_wrapper(record):
-        yield recorded
 
 
 def page_query(recorded: list[tuple[str, Any]], table: str) -> tuple[str, Any]:
@@ -165,26 +152,6 @@ def test_list_items_are_the_detail_bodies(api: APIClient) -> None:
 
 
 # --- Plans: each page is read from the index of its ordering -------------------------------------
-
-
-def explain(sql: str, params: Any) -> tuple[list[dict[str, Any]], str]:
-    """Return the plan's nodes (PostgreSQL) or lines (SQLite) and their text, for the statement as sent.
-
-    The parameters are bound as the list bound them: SQLite plans a bound value differently from
-    the same value written into the statement (it uses a partial index only for the latter).
-    """
-    with connection.cursor() as cursor:
-        if connection.vendor == "postgresql":
-            cursor.execute(f"EXPLAIN (FORMAT JSON) {sql}", params)
-            nodes, todo = [], [cursor.fetchone()[0][0]["Plan"]]
-            while todo:
-                node = todo.pop()
-                nodes.append(node)
-                todo.extend(node.get("Plans", []))
-            return nodes, json.dumps(nodes)
-        cursor.execute(f"EXPLAIN QUERY PLAN {sql}", params)
-        lines = [{"detail": row[-1]} for row in cursor.fetchall()]
-        return lines, " | ".join(line["detail"] for line in lines)
 
 
 def sqlite_unique_index(table: str, columns: list[str]) -> str:
