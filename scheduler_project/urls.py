@@ -7,6 +7,9 @@ from drf_spectacular.views import SpectacularAPIView
 
 from jobs.api.views import RedocView, SwaggerView, redoc_bundle
 
+# Each app's admin.py: settings use SimpleAdminConfig, which leaves this to the URLs.
+admin.autodiscover()
+
 urlpatterns = [
     path("", RedirectView.as_view(url="/docs", permanent=False)),
     path("admin/", admin.site.urls),
