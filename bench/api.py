@@ -8,8 +8,8 @@ over generate_series (no ORM rows), then VACUUM ANALYZE. The runs cover the last
 after another, so ids grow with time as in production; every second run belongs to the busiest
 1 % of the jobs (about 500 runs each at the defaults), the others are spread over all jobs. Most
 succeeded; some failed, were skipped, lost or timed out; the newest few are running or queued.
-Row triggers on the two tables (such as counters of finished runs) are off while loading, so they
-do not count the loaded history. The load reports the share of the runs table VACUUM could mark
+The finished-run counters (kept by the scheduler's store, not by triggers) are left empty: /metrics
+reads them in the same time whatever they hold. The load reports the share of the runs table VACUUM could mark
 all-visible: a long transaction anywhere on the server holds it back, and index-only scans then
 read the table too, so figures taken then are not comparable.
 
@@ -213,15 +213,7 @@ def load_data(jobs: int, runs: int) -> dict[str, Any]:
         cursor.execute("SELECT setseed(0.12), now()")
         now = cursor.fetchone()[1]
     now_sql = f"'{now.isoformat()}'::timestamptz"  # one instant for every statement of the load
-    # History is loaded as it is, past whatever row triggers keep (the finished-run counters): one
-    # counter row bumped per loaded run costs more than the load, and quadratically within a
-    # transaction, as no version of that row can be pruned before it ends. /metrics reads the
-    # counters in the same time whatever they hold.
-    disabled: list[str] = []
-    with user_triggers_disabled(Job, disabled), user_triggers_disabled(JobRun, disabled):
-        jobs_s, busy, runs_s = insert_jobs_and_runs(jobs, runs, now_sql)
-    if disabled:
-        say(f"row triggers disabled while loading, so the loaded runs are not counted: {', '.join(disabled)}")
+    jobs_s, busy, runs_s = insert_jobs_and_runs(jobs, runs, now_sql)
 
     vacuum_started = time.monotonic()
     with connection.cursor() as cursor:
@@ -248,7 +240,6 @@ def load_data(jobs: int, runs: int) -> dict[str, Any]:
         "total_s": round(total_s, 2),
         "runs_table_mb": round(run_bytes / 2**20, 1),
         "jobs_table_mb": round(job_bytes / 2**20, 1),
-        "triggers_disabled_while_loading": disabled,
         **visibility,
     }
 
@@ -277,28 +268,6 @@ def insert_jobs_and_runs(jobs: int, runs: int, now_sql: str) -> tuple[float, int
     runs_s = time.monotonic() - runs_started
     say(f"loaded {runs} runs in {runs_s:.1f}s")
     return jobs_s, busy, runs_s
-
-
-@contextlib.contextmanager
-def user_triggers_disabled(model: Any, names: list[str]) -> Iterator[None]:
-    """Disable the table's own row triggers (not the foreign keys'), adding their names to `names`."""
-    from django.db import connection
-
-    table = connection.ops.quote_name(model._meta.db_table)
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT tgname FROM pg_trigger WHERE tgrelid = %s::regclass AND NOT tgisinternal ORDER BY tgname", [table]
-        )
-        found = [row[0] for row in cursor.fetchall()]
-        if found:
-            cursor.execute(f"ALTER TABLE {table} DISABLE TRIGGER USER")
-    names.extend(found)
-    try:
-        yield
-    finally:
-        if found:
-            with connection.cursor() as cursor:
-                cursor.execute(f"ALTER TABLE {table} ENABLE TRIGGER USER")
 
 
 def all_visible() -> dict[str, Any]:

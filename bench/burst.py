@@ -281,7 +281,7 @@ def run(args: argparse.Namespace, env: dict[str, str], vendor: str) -> dict[str,
     started = time.monotonic()
     create_jobs(args.jobs)
     say(f"created {args.jobs} jobs in {time.monotonic() - started:.1f}s")
-    scheduler = harness.Scheduler(env, max_concurrent=args.max_concurrent)
+    scheduler = harness.Scheduler(env, max_concurrent=args.max_concurrent, python=args.scheduler_python)
     bursts: list[dict[str, Any]] = []
     try:
         scheduler.wait_registered()

@@ -55,6 +55,14 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-concurrent", type=int, default=5, help="the scheduler's slots (default 5)")
     parser.add_argument("--log-level", default="info", help="the scheduler's LOG_LEVEL (its log goes to a temp file)")
     parser.add_argument(
+        "--scheduler-python",
+        metavar="PATH",
+        default=sys.executable,
+        help="the interpreter that runs the scheduler processes (default: this one). A virtualenv made "
+        "from requirements.txt alone measures the daemon as deployed: REST framework imports the "
+        "optional packages it finds, and the development tools bring some (requests, Pygments)",
+    )
+    parser.add_argument(
         "--py-spy",
         metavar="DIR",
         help="sample the scheduler process with py-spy while measuring; collapsed stacks go to DIR",
@@ -233,12 +241,14 @@ def migrate_and_set_up(env: dict[str, str]) -> None:
 class Scheduler:
     """One `manage.py runscheduler` process; its output goes to a temp log file."""
 
-    def __init__(self, env: dict[str, str], *, max_concurrent: int, extra: Sequence[str] = ()) -> None:
+    def __init__(
+        self, env: dict[str, str], *, max_concurrent: int, python: str = sys.executable, extra: Sequence[str] = ()
+    ) -> None:
         self._log_dir = tempfile.mkdtemp(prefix="bench-scheduler-")
         self.log_path = Path(self._log_dir) / "scheduler.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, str(MANAGE), "runscheduler", "--max-concurrent", str(max_concurrent), *extra],
+            [python, str(MANAGE), "runscheduler", "--max-concurrent", str(max_concurrent), *extra],
             cwd=ROOT,
             env=env,
             stdout=self._log,

@@ -170,7 +170,7 @@ def measure(args: argparse.Namespace, env: dict[str, str], vendor: str, jobs: in
     plans = scan_plans(vendor)
     for name, plan in plans.items():
         say(f"  plan of the {name} scan: {plan}")
-    scheduler = harness.Scheduler(env, max_concurrent=args.max_concurrent)
+    scheduler = harness.Scheduler(env, max_concurrent=args.max_concurrent, python=args.scheduler_python)
     rss: list[float] = []
     try:
         scheduler.wait_registered()
