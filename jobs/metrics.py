@@ -4,21 +4,19 @@ Schedulers run in their own processes (often on other machines), so the web proc
 what the shared database knows rather than in-memory counters of one process. Every read costs
 the same whatever the size of the run history:
 
-- finished runs are counters the database keeps as runs finish (`RunCount`), so they survive
-  pruning and never go down;
-- the histograms read the runs fired in the last hour (at most MAX_SAMPLES), by the index on
-  fire time;
+- finished runs, and the durations and start lateness of those their scheduler wrote back, are
+  counters the database keeps as runs finish (`RunCount`), so they survive pruning, never go
+  down, and are read from a table of a few rows per job type;
 - the queue and running gauges count through the partial indexes the scheduler uses.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import datetime, timedelta
-from itertools import accumulate
+from datetime import datetime
+from typing import Any
 
-from django.db.models import Case, Count, DurationField, ExpressionWrapper, F, IntegerField, Sum, Value, When
-from django.db.models.functions import Greatest
+from django.db.models import Sum
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
@@ -26,80 +24,25 @@ from prometheus_client.registry import Collector
 
 from .conf import config
 from .counting import EXACT_COUNT_LIMIT, bounded_count
-from .models import Job, JobRun, RunCount, SchedulerProcess
+from .models import TIMINGS, Job, JobRun, RunCount, SchedulerProcess, timing_columns
 from .scheduler.clock import database_now
 
-BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0)
-# Histograms cover the newest runs of the last hour, at most this many.
-WINDOW = timedelta(hours=1)
-MAX_SAMPLES = 5_000
 
-
-def _histograms(now: datetime) -> tuple[HistogramMetricFamily, HistogramMetricFamily]:
-    """Durations and start lateness of the newest runs fired and started in the last hour, by job type.
-
-    Two statements whatever the history: the fire time of the MAX_SAMPLES-th newest run (from
-    the fire-time index) narrows the window, then the database counts the window's runs by job
-    type and bucket, so no run row is sent to Python.
-    """
-    since = now - WINDOW
-    recent = JobRun.objects.filter(scheduled_for__gte=since, started_at__gte=since)
-    nth = recent.order_by("-scheduled_for").values_list("scheduled_for", flat=True)[MAX_SAMPLES - 1 : MAX_SAMPLES]
-    for cutoff in nth:
-        recent = recent.filter(scheduled_for__gte=cutoff)
-    measures = {
-        "duration": F("finished_at") - F("started_at"),
-        # A run started before its fire time (clocks a little apart) was not late.
-        "lateness": Greatest(F("started_at") - F("scheduled_for"), Value(timedelta(0))),
-    }
-    rows = (
-        recent.annotate(
-            job_type=F("job__job_type"),
-            **{name: ExpressionWrapper(value, output_field=DurationField()) for name, value in measures.items()},
-        )
-        .annotate(**{f"{name}_bucket": _bucket(name) for name in measures})
-        .values("job_type", *(f"{name}_bucket" for name in measures))
-        .annotate(runs=Count("pk"), **{f"{name}_sum": Sum(name) for name in measures})
-        .order_by()
-    )
-    # Per measure and job type: runs in each bucket (the last one above every bound), and the sum.
-    counts: dict[str, dict[str, list[int]]] = {name: {} for name in measures}
-    sums: dict[str, dict[str, float]] = {name: {} for name in measures}
+def _histogram(name: str, documentation: str, measure: str, rows: list[dict[str, Any]]) -> HistogramMetricFamily:
+    """The histogram of `measure` by job type, from the counters' rows (one per job type and status)."""
+    family = HistogramMetricFamily(name, documentation, labels=["job_type"])
+    columns = timing_columns(measure)
+    by_type: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
-        for name in measures:
-            bucket = row[f"{name}_bucket"]
-            if bucket is None:  # still running: no duration yet
-                continue
-            counts[name].setdefault(row["job_type"], [0] * (len(BUCKETS) + 1))[bucket] += row["runs"]
-            sums[name][row["job_type"]] = sums[name].get(row["job_type"], 0.0) + row[f"{name}_sum"].total_seconds()
-    families = (
-        HistogramMetricFamily(
-            "scheduler_run_duration_seconds", "Run durations over the last hour.", labels=["job_type"]
-        ),
-        HistogramMetricFamily(
-            "scheduler_run_start_lateness_seconds", "Start minus fire time, last hour.", labels=["job_type"]
-        ),
-    )
-    for name, family in zip(measures, families, strict=True):
-        for job_type, per_bucket in sorted(counts[name].items()):
-            cumulative = list(accumulate(per_bucket))
-            buckets = [(str(bound), float(cumulative[index])) for index, bound in enumerate(BUCKETS)]
-            buckets.append(("+Inf", float(cumulative[-1])))
-            family.add_metric([job_type], buckets, sum_value=sums[name][job_type])
-    return families
-
-
-def _bucket(measure: str) -> Case:
-    """The index of the first bucket whose bound `measure` is within (len(BUCKETS) above all); NULL stays NULL."""
-    return Case(
-        When(**{f"{measure}__isnull": True}, then=Value(None)),
-        *(
-            When(**{f"{measure}__lte": timedelta(seconds=bound)}, then=Value(index))
-            for index, bound in enumerate(BUCKETS)
-        ),
-        default=Value(len(BUCKETS)),
-        output_field=IntegerField(),
-    )
+        by_type.setdefault(row["job_type"], []).append(row)
+    for job_type, counted in sorted(by_type.items()):
+        measured = sum(row[f"{measure}_count"] for row in counted)
+        if not measured:
+            continue
+        buckets = [(str(bound), float(sum(row[column] for row in counted))) for bound, column in columns.items()]
+        buckets.append(("+Inf", float(measured)))
+        family.add_metric([job_type], buckets, sum_value=sum(row[f"{measure}_sum"] for row in counted))
+    return family
 
 
 class SchedulerCollector(Collector):
@@ -109,17 +52,39 @@ class SchedulerCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         # Heartbeats and due times are the database's clock (jobs.scheduler.clock).
         now = self.now or database_now()
+        sums = ["total"] + [
+            column
+            for measure in TIMINGS
+            for column in (f"{measure}_count", f"{measure}_sum", *timing_columns(measure).values())
+        ]
+        rows = list(
+            RunCount.objects.values("job_type", "status")
+            .annotate(**{column: Sum(column) for column in sums})
+            .order_by("job_type", "status")
+        )
         finished = CounterMetricFamily(
             "scheduler_runs_finished",
             "Runs that reached a finished status, by job type and status (skipped fires included); "
             "kept by the database as runs finish, never lowered by pruning.",
             labels=["job_type", "status"],
         )
-        for row in RunCount.objects.values("job_type", "status").annotate(sum=Sum("total")).order_by():
-            finished.add_metric([row["job_type"], row["status"]], row["sum"])
+        for row in rows:
+            finished.add_metric([row["job_type"], row["status"]], row["total"])
         yield finished
-
-        yield from _histograms(now)
+        yield _histogram(
+            "scheduler_run_duration_seconds",
+            "Durations (finished minus started) of the runs written back by the scheduler that ran them; "
+            "kept as runs finish, never lowered by pruning.",
+            "duration",
+            rows,
+        )
+        yield _histogram(
+            "scheduler_run_start_lateness_seconds",
+            "Start minus fire time of the runs written back by the scheduler that ran them; "
+            "kept as runs finish, never lowered by pruning.",
+            "lateness",
+            rows,
+        )
 
         queue = GaugeMetricFamily("scheduler_queue_depth", "Queued runs whose start time has come.")
         queue.add_metric([], JobRun.objects.ready(now).count())

@@ -294,6 +294,16 @@ class JobRun(models.Model):
         return (self.started_at - self.scheduled_for).total_seconds()
 
 
+# The histograms' upper bounds in seconds (Prometheus' `le`), for run durations and start lateness.
+TIMING_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0)
+TIMINGS = ("duration", "lateness")
+
+
+def timing_columns(measure: str) -> dict[float, str]:
+    """RunCount's column of each bucket of `measure`, by upper bound: `duration_le_0_005`, ..."""
+    return {bound: f"{measure}_le_{f'{bound:g}'.replace('.', '_')}" for bound in TIMING_BUCKETS}
+
+
 class RunCount(models.Model):
     """Runs finished, by job type and status: counters that only go up, for /metrics.
 
@@ -301,12 +311,23 @@ class RunCount(models.Model):
     in the same statement or transaction, so a count cannot be lost or doubled; pruning old runs
     leaves them alone. Concurrent writers spread over `shard` rows (PostgreSQL: by backend), so
     that the schedulers' commits do not queue on one counter row; readers add the shards up.
+
+    Runs written back by the scheduler that ran them are also timed: for `duration` (finished
+    minus started; a run timed out whose code still runs has none yet) and `lateness` (started
+    minus fired, 0 when a clock ran ahead) each row has `<measure>_count` (the runs measured),
+    `<measure>_sum` (their seconds) and one cumulative column per bucket (the runs measured
+    within its bound; see timing_columns). Lost and skipped runs are counted but not timed.
     """
 
     job_type = models.CharField(max_length=100)
     status = models.CharField(max_length=16)
     shard = models.PositiveSmallIntegerField(default=0)
     total = models.BigIntegerField(default=0)
+    # Defaults in the database too: the store's INSERTs of untimed runs leave these out.
+    duration_count = models.BigIntegerField(db_default=0)
+    duration_sum = models.FloatField(db_default=0.0)
+    lateness_count = models.BigIntegerField(db_default=0)
+    lateness_sum = models.FloatField(db_default=0.0)
 
     class Meta:
         constraints = [
@@ -315,3 +336,9 @@ class RunCount(models.Model):
 
     def __str__(self) -> str:
         return f"{self.job_type} {self.status}: {self.total}"
+
+
+# One column per bucket: written out, they would be 32 lines that must match TIMING_BUCKETS.
+for _measure in TIMINGS:
+    for _column in timing_columns(_measure).values():
+        RunCount.add_to_class(_column, models.BigIntegerField(db_default=0))

@@ -82,7 +82,7 @@ def _outcome_rows() -> str:
 
 
 # CTEs that write the outcomes back, fenced, and show each job's latest run on the job; the
-# runs written are in the one named `recorded` (id, job_id, started_at, status).
+# runs written are in the one named `recorded` (id, job_id, started_at, status, fired, began, ended).
 # Data-modifying CTEs run to completion whatever the statement selects, so a claim can share it.
 @functools.cache
 def _write_back() -> str:

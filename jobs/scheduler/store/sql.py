@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from jobs.models import TIMINGS, timing_columns
+
 from .rows import ACTIVE, COUNTS, JOBS, MISFIRE_SKIP, PROCESSES, RUNS, TRIGGER, S, run_insert
 
 
@@ -43,9 +45,11 @@ class Statements:
     next_fire: str  # the earliest next fire time
     next_fire_or_run: str  # the earliest next fire time or queued run
     claim: str  # {returning}: mark the oldest ready runs running on this scheduler
-    finish_runs: str  # write the rows of an `outcome` CTE back, fenced; returns what show_latest needs
+    # Write the rows of an `outcome` CTE back, fenced; returns what show_latest needs (id,
+    # job_id, started_at, status) and then what count_timed does (fired, began, ended).
+    finish_runs: str
     count_finished: str  # {rows}: add (job_id, status) rows of runs just finished to the counters
-    count_recorded: str  # the same from a `recorded` CTE, for a statement that writes runs back
+    count_recorded: str  # the same, timed, from a `recorded` CTE, for a statement that writes runs back
     show_latest: str  # {rows}: show each job's latest recorded run on the job
     latest: str  # the CTEs of show_latest, for a statement that has its own `recorded`
     show_latest_update: str
@@ -72,6 +76,31 @@ _COUNT = (
     f"GROUP BY job.job_type, {{source}}.status ON CONFLICT (job_type, status, shard) "
     f"DO UPDATE SET total = {COUNTS}.total + excluded.total"
 )
+
+
+# What a timed count reads from its source: a run's job, status, duration and start lateness
+# (seconds, NULL when not measured: a run whose code still runs has no end yet).
+TIMED_COLUMNS = ("job_id", "status", "duration", "lateness")
+
+
+def count_timed(source: str, dialect: Dialect) -> str:
+    """Add the runs of `source` (TIMED_COLUMNS) to the counters of their job type and status,
+    with their durations and start lateness (see jobs.models.RunCount). A run started before
+    its fire time (another host's clock ahead) was not late."""
+    names = ["total"]
+    sums = ["COUNT(*)"]
+    for measure in TIMINGS:
+        names += [f"{measure}_count", f"{measure}_sum", *timing_columns(measure).values()]
+        sums += [f"COUNT(timed.{measure})", f"COALESCE(SUM(timed.{measure}), 0)"]
+        sums += [f"SUM(CASE WHEN timed.{measure} <= {bound!r} THEN 1 ELSE 0 END)" for bound in timing_columns(measure)]
+    return (
+        f"INSERT INTO {COUNTS} (job_type, status, shard, {', '.join(names)}) "
+        f"SELECT job.job_type, timed.status, {dialect.count_shard}, {', '.join(sums)} FROM (SELECT job_id, status, "
+        f"duration, CASE WHEN lateness < 0 THEN 0 ELSE lateness END AS lateness FROM {source}) AS timed "
+        f"JOIN {JOBS} AS job ON job.id = timed.job_id WHERE true GROUP BY job.job_type, timed.status "
+        "ON CONFLICT (job_type, status, shard) DO UPDATE SET "
+        + ", ".join(f"{name} = {COUNTS}.{name} + excluded.{name}" for name in names)
+    )
 
 
 def statements(dialect: Dialect) -> Statements:
@@ -144,13 +173,19 @@ def statements(dialect: Dialect) -> Statements:
             f"UPDATE {RUNS} SET status = outcome.new_status, finished_at = outcome.new_finished_at, "
             "result = outcome.new_result, error = outcome.new_error FROM outcome "
             f"WHERE id = outcome.run_id AND status = {S['RUNNING']} AND worker_id = %s "
-            "RETURNING id, job_id, COALESCE(started_at, finished_at) AS started_at, status"
+            "RETURNING id, job_id, COALESCE(started_at, finished_at) AS started_at, status, "
+            "scheduled_for AS fired, started_at AS began, finished_at AS ended"
         ),
         count_finished=(
             "WITH counted (job_id, status) AS (VALUES {rows}) "
             + _COUNT.format(source="counted", shard=d.count_shard).replace("{", "{{").replace("}", "}}")
         ),
-        count_recorded=_COUNT.format(source="recorded", shard=d.count_shard),
+        # Only PostgreSQL writes back in a statement with a `recorded` CTE.
+        count_recorded=count_timed(
+            "(SELECT job_id, status, EXTRACT(EPOCH FROM ended - began) AS duration, "
+            "EXTRACT(EPOCH FROM began - fired) AS lateness FROM recorded) AS recorded",
+            d,
+        ),
         show_latest=(f"WITH recorded (id, job_id, started_at, status) AS (VALUES {{rows}}), {_LATEST} {_SHOW_LATEST}"),
         latest=_LATEST,
         show_latest_update=_SHOW_LATEST,

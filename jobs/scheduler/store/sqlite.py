@@ -17,28 +17,33 @@ from .. import liveness
 from ..runner import Outcome
 from .base import ChangeWatcher, Pass, PassResult, RunStore
 from .rows import JOBS, QUEUE_INDEX, columns, instances, placeholders, quoted, values_rows, with_jobs
-from .sql import OUTCOME_COLUMNS, Dialect, statements
+from .sql import OUTCOME_COLUMNS, TIMED_COLUMNS, Dialect, count_timed, statements
 
 logger = logging.getLogger(__name__)
 
-SQL = statements(
-    Dialect(
-        lock_due_jobs="",
-        lock_stale_runs="",
-        lock_claimer="",
-        # Without ANALYZE statistics its planner would rather sort every queued run on the
-        # status index, for every claim.
-        queue_index=f" INDEXED BY {quoted(QUEUE_INDEX)}",
-        stale="julianday({0}) < julianday(%s) - {1} / 86400.0",
-        picked="IN ({0})",
-        count_shard="0",  # one writer at a time
-    )
+DIALECT = Dialect(
+    lock_due_jobs="",
+    lock_stale_runs="",
+    lock_claimer="",
+    # Without ANALYZE statistics its planner would rather sort every queued run on the
+    # status index, for every claim.
+    queue_index=f" INDEXED BY {quoted(QUEUE_INDEX)}",
+    stale="julianday({0}) < julianday(%s) - {1} / 86400.0",
+    picked="IN ({0})",
+    count_shard="0",  # one writer at a time
 )
+SQL = statements(DIALECT)
 # The outcomes as VALUES rows, written back by the shared fenced UPDATE.
 FINISH = f"WITH outcome ({OUTCOME_COLUMNS}) AS (VALUES {{rows}}) {SQL.finish_runs}"
+# {rows}: (job_id, status, duration, lateness) rows of the runs just written back.
+COUNT_TIMED = f"WITH timed ({', '.join(TIMED_COLUMNS)}) AS (VALUES {{rows}}) {count_timed('timed', DIALECT)}"
 JOBS_BY_ID = f"SELECT {', '.join(columns(Job))} FROM {JOBS} WHERE id IN ({{ids}})"
 # Seconds between looks at the commit counter while the engine sleeps.
 WATCH_SECONDS = 0.5
+
+
+def seconds(later: datetime | None, earlier: datetime | None) -> float | None:
+    return None if later is None or earlier is None else (later - earlier).total_seconds()
 
 
 class SqliteStore(RunStore):
@@ -91,8 +96,18 @@ class SqliteStore(RunStore):
         with connection.cursor() as cursor:
             cursor.execute(FINISH.format(rows=values), [*params, worker_id])
             recorded = cursor.fetchall()
-        self.show_last_runs(recorded)
-        self.count_finished([(job_id, status) for _, job_id, _, status in recorded])
+        self.show_last_runs([row[:4] for row in recorded])
+        if recorded:
+            # Timed here, exactly: julianday() is a float of days, a few microseconds off, which
+            # moves a run on a bucket's bound into the next one.
+            values, params = values_rows(
+                [
+                    (job_id, status, seconds(ended, began), seconds(began, fired))
+                    for _, job_id, _, status, fired, began, ended in recorded
+                ]
+            )
+            with connection.cursor() as cursor:
+                cursor.execute(COUNT_TIMED.format(rows=values), params)
         return {row[0] for row in recorded}
 
     def _write_pass(self, work: Pass) -> PassResult:
