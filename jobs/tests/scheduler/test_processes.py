@@ -53,7 +53,10 @@ class Schedulers:
         self.tmp_path = tmp_path
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, *args: str, max_concurrent: int = 5, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def start(
+        self, *args: str, max_concurrent: int = 5, env: dict[str, str] | None = None, python: tuple[str, ...] = ()
+    ) -> subprocess.Popen[bytes]:
+        """Start `manage.py runscheduler *args`; `python` goes to the interpreter before the script."""
         env = {
             **os.environ,
             "DJANGO_SETTINGS_MODULE": "jobs.tests.settings",
@@ -66,6 +69,7 @@ class Schedulers:
         proc = subprocess.Popen(
             [
                 sys.executable,
+                *python,
                 str(ROOT / "manage.py"),
                 "runscheduler",
                 "--max-concurrent",
@@ -334,3 +338,28 @@ def test_schedulers_whose_clocks_disagree_go_by_the_databases(schedulers: Schedu
     assert "lost" not in {run.status for run in runs} and "presumed dead" not in logs, logs
     assert logs.count("90.0s ahead of the database server's") == 1, logs
     assert logs.count("45.0s behind the database server's") == 1, logs
+
+
+# Modules that serve the web: a scheduler that ran its jobs must not have imported them.
+WEB_ONLY = ("jobs.admin", "jobs.forms", "jobs.api", "jobs.metrics", "drf_spectacular.openapi", "rest_framework.views")
+# Runs the script named next (manage.py) as python would, and writes the modules loaded by the
+# time it exits to the file named by MODULES_FILE.
+LIST_MODULES_AT_EXIT = (
+    "import atexit, os, runpy, sys; "
+    "atexit.register(lambda: open(os.environ['MODULES_FILE'], 'w').write('\\n'.join(sorted(sys.modules)))); "
+    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+
+def test_a_scheduler_imports_neither_the_api_nor_the_admin(schedulers: Schedulers, tmp_path: Path) -> None:
+    listed = tmp_path / "modules.txt"
+    proc = schedulers.start(env={"MODULES_FILE": str(listed)}, python=("-c", LIST_MODULES_AT_EXIT))
+    schedulers.registered(proc)
+    job = _job(cron_expression="* * * * * *")
+    wait_for(lambda: job.runs.filter(status="succeeded").exists(), 20)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0, schedulers.logs()
+
+    imported = set(listed.read_text().splitlines())
+    assert {"jobs.scheduler.engine", "jobs.tests.job_types", "croniter"} <= imported
+    assert [name for name in sorted(imported) if name.startswith(WEB_ONLY)] == []
