@@ -30,7 +30,10 @@ def fields(measure: str) -> list[tuple[str, models.Field]]:
     return [
         (f"{measure}_count", models.BigIntegerField(db_default=0)),
         (f"{measure}_sum", models.FloatField(db_default=0.0)),
-        *((f"{measure}_le_{bound}", models.BigIntegerField(db_default=0)) for bound in BOUNDS),
+        *(
+            (f"{measure}_le_{bound}", models.BigIntegerField(db_default=0, db_column=f"{measure[0]}_{bound}"))
+            for bound in BOUNDS
+        ),
     ]
 
 

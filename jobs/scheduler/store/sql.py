@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from jobs.models import TIMINGS, timing_columns
+from jobs.models import TIMINGS, timing_columns, timing_db_column
 
 from .rows import ACTIVE, COUNTS, JOBS, MISFIRE_SKIP, PROCESSES, RUNS, TRIGGER, S, run_insert
 
@@ -86,20 +86,22 @@ TIMED_COLUMNS = ("job_id", "status", "duration", "lateness")
 def count_timed(source: str, dialect: Dialect) -> str:
     """Add the runs of `source` (TIMED_COLUMNS) to the counters of their job type and status,
     with their durations and start lateness (see jobs.models.RunCount). A run started before
-    its fire time (another host's clock ahead) was not late."""
-    names = ["total"]
+    its fire time (another host's clock ahead) was not late. Kept short: see timing_db_column."""
+    columns = ["total"]
     sums = ["COUNT(*)"]
     for measure in TIMINGS:
-        names += [f"{measure}_count", f"{measure}_sum", *timing_columns(measure).values()]
-        sums += [f"COUNT(timed.{measure})", f"COALESCE(SUM(timed.{measure}), 0)"]
-        sums += [f"SUM(CASE WHEN timed.{measure} <= {bound!r} THEN 1 ELSE 0 END)" for bound in timing_columns(measure)]
+        short = measure[0]  # the duration or lateness of a run, in `timed`
+        buckets = timing_columns(measure)
+        columns += [f"{measure}_count", f"{measure}_sum", *(timing_db_column(field) for field in buckets.values())]
+        sums += [f"COUNT({short})", f"COALESCE(SUM({short}), 0)"]
+        sums += [f"COUNT(CASE WHEN {short}<={bound!r} THEN 1 END)" for bound in buckets]
     return (
-        f"INSERT INTO {COUNTS} (job_type, status, shard, {', '.join(names)}) "
-        f"SELECT job.job_type, timed.status, {dialect.count_shard}, {', '.join(sums)} FROM (SELECT job_id, status, "
-        f"duration, CASE WHEN lateness < 0 THEN 0 ELSE lateness END AS lateness FROM {source}) AS timed "
+        f"INSERT INTO {COUNTS} AS c (job_type, status, shard, {','.join(columns)}) "
+        f"SELECT job.job_type, timed.status, {dialect.count_shard}, {','.join(sums)} FROM (SELECT job_id, status, "
+        f"duration AS d, CASE WHEN lateness < 0 THEN 0 ELSE lateness END AS l FROM {source}) AS timed "
         f"JOIN {JOBS} AS job ON job.id = timed.job_id WHERE true GROUP BY job.job_type, timed.status "
         "ON CONFLICT (job_type, status, shard) DO UPDATE SET "
-        + ", ".join(f"{name} = {COUNTS}.{name} + excluded.{name}" for name in names)
+        + ",".join(f"{column}=c.{column}+excluded.{column}" for column in columns)
     )
 
 
