@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from collections import Counter, defaultdict
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -60,12 +60,8 @@ def main(argv: list[str]) -> int:
     if args.database == "both":
         return harness.run_each_database(__file__, argv, "burst", timeout=1800)
     harness.exit_on_sigterm()
-    if args.database == "postgres":
-        problem = harness.postgres_available(args.pg_url)
-        if problem:
-            say(f"PostgreSQL not available at {args.pg_url}: {problem}")
-            print(json.dumps({"benchmark": "burst", "database": "postgres", "skipped": problem}))
-            return 0
+    if harness.postgres_missing(args, "burst"):
+        return 0
     with harness.throwaway_database(args.database, "bench_burst", args.pg_url) as database:
         say(f"database: {database.vendor} {database.name}")
         env = harness.environment(database, args)
@@ -76,50 +72,6 @@ def main(argv: list[str]) -> int:
 
 
 # -- the benchmark -------------------------------------------------------------------------------
-
-
-def due_second(lead: float) -> datetime:
-    """The first whole second at least `lead` seconds from now."""
-    from django.utils import timezone
-
-    return (timezone.now() + timedelta(seconds=lead)).replace(microsecond=0) + timedelta(seconds=1)
-
-
-def create_jobs(count: int) -> None:
-    from jobs import schedule
-    from jobs.models import Job
-
-    # Never due by themselves: each burst sets next_run_at directly.
-    later = schedule.next_fire_after("0 0 1 1 *", "UTC", due_second(2 * 86400))
-    Job.objects.bulk_create(
-        [
-            Job(
-                name=f"{JOB_NAME} {i}",
-                cron_expression="0 0 1 1 *",
-                timezone="UTC",
-                job_type="bench_noop",
-                overlap_policy=Job.OverlapPolicy.ALLOW,
-                next_run_at=later,
-            )
-            for i in range(count)
-        ],
-        batch_size=500,
-    )
-
-
-def arm(due: datetime) -> None:
-    """Make every job due at `due` and wake the schedulers, as a job change through the services would."""
-    from jobs.models import Job
-    from jobs.scheduler.notify import notify_schedulers
-
-    Job.objects.filter(name__startswith=JOB_NAME).update(next_run_at=due)
-    notify_schedulers()
-
-
-def finished_count(due: datetime) -> int:
-    from jobs.models import JobRun
-
-    return JobRun.objects.filter(scheduled_for=due).exclude(status__in=JobRun.ACTIVE).count()
 
 
 def burst_figures(due: datetime, jobs: int) -> dict[str, Any]:
@@ -158,14 +110,14 @@ def burst_figures(due: datetime, jobs: int) -> dict[str, Any]:
 def process_burst(args: argparse.Namespace, scheduler: harness.Scheduler, number: int, vendor: str) -> dict[str, Any]:
     from django.utils import timezone
 
-    due = due_second(args.lead)
-    arm(due)
+    due = harness.due_second(args.lead)
+    harness.arm(JOB_NAME, due)
     cpu_before = harness.cpu_seconds(scheduler.pid)
     backends = harness.pg_backends() if vendor == "postgres" else []
     backend_cpu_before = harness.total_cpu_seconds(backends)
     time.sleep(max(0.0, (due - timezone.now()).total_seconds()))
     done = harness.wait_until(
-        lambda: not scheduler.alive() or finished_count(due) >= args.jobs, args.drain_timeout, interval=0.1
+        lambda: not scheduler.alive() or harness.finished_count(due) >= args.jobs, args.drain_timeout, interval=0.1
     )
     if not scheduler.alive():
         raise RuntimeError(f"the scheduler exited:\n{scheduler.log_tail()}")
@@ -205,8 +157,8 @@ def in_process_burst(args: argparse.Namespace, log_path: Path) -> dict[str, Any]
     from jobs.scheduler.engine import Engine
 
     engine = Engine(max_concurrent=args.max_concurrent)
-    due = due_second(1.0)
-    arm(due)
+    due = harness.due_second(1.0)
+    harness.arm(JOB_NAME, due)
     statements: list[tuple[float, float, str]] = []  # (wall time at the end, seconds, sql)
 
     def record(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
@@ -220,7 +172,7 @@ def in_process_burst(args: argparse.Namespace, log_path: Path) -> dict[str, Any]
 
     def watch() -> None:
         try:
-            harness.wait_until(lambda: finished_count(due) >= args.jobs, args.drain_timeout, interval=0.02)
+            harness.wait_until(lambda: harness.finished_count(due) >= args.jobs, args.drain_timeout, interval=0.02)
             seen_done.append(time.time())
         finally:
             connections.close_all()  # this thread's connection
@@ -279,7 +231,7 @@ def run(args: argparse.Namespace, env: dict[str, str], vendor: str) -> dict[str,
     from jobs.models import JobRun
 
     started = time.monotonic()
-    create_jobs(args.jobs)
+    harness.create_jobs_not_due(JOB_NAME, args.jobs)
     say(f"created {args.jobs} jobs in {time.monotonic() - started:.1f}s")
     scheduler = harness.Scheduler(env, max_concurrent=args.max_concurrent, python=args.scheduler_python)
     bursts: list[dict[str, Any]] = []

@@ -30,7 +30,7 @@ import json
 import sys
 import time
 from collections import Counter
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -76,12 +76,8 @@ def main(argv: list[str]) -> int:
         timeout = 600 + measurements * (args.lead + args.drain_timeout + 120)
         return harness.run_each_database(__file__, argv, "drain", timeout=timeout)
     harness.exit_on_sigterm()
-    if args.database == "postgres":
-        problem = harness.postgres_available(args.pg_url)
-        if problem:
-            say(f"PostgreSQL not available at {args.pg_url}: {problem}")
-            print(json.dumps({"benchmark": "drain", "database": "postgres", "skipped": problem}))
-            return 0
+    if harness.postgres_missing(args, "drain"):
+        return 0
     with harness.throwaway_database(args.database, "bench_drain", args.pg_url) as database:
         say(f"database: {database.vendor} {database.name}")
         env = harness.environment(database, args)
@@ -95,18 +91,10 @@ def main(argv: list[str]) -> int:
 # -- the benchmark -------------------------------------------------------------------------------
 
 
-def due_second(lead: float) -> datetime:
-    """The first whole second at least `lead` seconds from now."""
-    from django.utils import timezone
-
-    return (timezone.now() + timedelta(seconds=lead)).replace(microsecond=0) + timedelta(seconds=1)
-
-
 def fresh_load(count: int) -> None:
     """Empty the jobs tables and load `count` jobs that are not due, so each measurement starts alike."""
     from django.db import connection
 
-    from jobs import schedule
     from jobs.models import Job, JobRun, RunCount, SchedulerProcess
 
     started = time.monotonic()
@@ -117,23 +105,7 @@ def fresh_load(count: int) -> None:
         else:
             for table in tables:
                 cursor.execute(f"DELETE FROM {table}")
-    # Never due by themselves: the measurement sets next_run_at directly.
-    later = schedule.next_fire_after("0 0 1 1 *", "UTC", due_second(2 * 86400))
-    for first in range(0, count, BATCH):
-        Job.objects.bulk_create(
-            [
-                Job(
-                    name=f"{JOB_NAME} {i}",
-                    cron_expression="0 0 1 1 *",
-                    timezone="UTC",
-                    job_type="bench_noop",
-                    overlap_policy=Job.OverlapPolicy.ALLOW,
-                    misfire_grace_seconds=MISFIRE_GRACE_SECONDS,
-                    next_run_at=later,
-                )
-                for i in range(first, min(first + BATCH, count))
-            ]
-        )
+    harness.create_jobs_not_due(JOB_NAME, count, batch=BATCH, misfire_grace_seconds=MISFIRE_GRACE_SECONDS)
     with connection.cursor() as cursor:
         # As autovacuum (PostgreSQL) or `PRAGMA optimize` would, so plans do not depend on timing;
         # on PostgreSQL vacuum too, or autovacuum's pass over the fresh rows lands in the window.
@@ -143,21 +115,6 @@ def fresh_load(count: int) -> None:
             cursor.execute("ANALYZE")
             cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     say(f"loaded {count} jobs in {time.monotonic() - started:.1f}s")
-
-
-def arm(due: datetime) -> None:
-    """Make every job due at `due` and wake the schedulers, as a job change through the services would."""
-    from jobs.models import Job
-    from jobs.scheduler.notify import notify_schedulers
-
-    Job.objects.filter(name__startswith=JOB_NAME).update(next_run_at=due)
-    notify_schedulers()
-
-
-def finished_count(due: datetime) -> int:
-    from jobs.models import JobRun
-
-    return JobRun.objects.filter(scheduled_for=due).exclude(status__in=JobRun.ACTIVE).count()
 
 
 def drain_figures(due: datetime, jobs: int, pids: list[int]) -> dict[str, Any]:
@@ -217,14 +174,14 @@ def measure(args: argparse.Namespace, env: dict[str, str], vendor: str, count: i
         profile = harness.py_spy_output(args, f"drain-{vendor}-{count}x-{number}")
         spy = harness.PySpy(pids[0], profile) if profile else None
         try:
-            due = due_second(args.lead)
-            arm(due)
+            due = harness.due_second(args.lead)
+            harness.arm(JOB_NAME, due)
             cpu_before = harness.total_cpu_seconds(pids)
             backends = harness.pg_backends() if vendor == "postgres" else []
             backend_cpu_before = harness.total_cpu_seconds(backends)
             time.sleep(max(0.0, (due - timezone.now()).total_seconds()))
             done = harness.wait_until(
-                lambda: not all(s.alive() for s in schedulers) or finished_count(due) >= args.runs,
+                lambda: not all(s.alive() for s in schedulers) or harness.finished_count(due) >= args.runs,
                 args.drain_timeout,
                 interval=0.1,
             )

@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import urlsplit, urlunsplit
@@ -79,6 +80,67 @@ def counts_option(parser: argparse.ArgumentParser, text: str, option: str, *, mi
     if not counts or counts[0] < minimum:
         parser.error(f"{option} needs at least one count, {'all positive' if minimum > 0 else 'none negative'}")
     return counts
+
+
+def postgres_missing(args: argparse.Namespace, benchmark: str) -> bool:
+    """With --database postgres and no server answering at --pg-url: say so, print the
+    benchmark's skipped line, and return True (the benchmark then exits 0)."""
+    if args.database != "postgres":
+        return False
+    problem = postgres_available(args.pg_url)
+    if problem:
+        say(f"PostgreSQL not available at {args.pg_url}: {problem}")
+        print(json.dumps({"benchmark": benchmark, "database": "postgres", "skipped": problem}))
+    return problem is not None
+
+
+def due_second(lead: float) -> datetime:
+    """The first whole second at least `lead` seconds from now."""
+    from django.utils import timezone
+
+    return (timezone.now() + timedelta(seconds=lead)).replace(microsecond=0) + timedelta(seconds=1)
+
+
+def create_jobs_not_due(prefix: str, count: int, *, batch: int = 5000, **fields: Any) -> None:
+    """Bulk-create `count` jobs of the no-op type named `prefix` N, overlap allowed, never due by
+    themselves (the benchmarks set next_run_at directly); `fields` sets more of each job."""
+    from jobs import schedule
+    from jobs.models import Job
+
+    later = schedule.next_fire_after("0 0 1 1 *", "UTC", due_second(2 * 86400))
+    for first in range(0, count, batch):
+        Job.objects.bulk_create(
+            [
+                Job(
+                    name=f"{prefix} {i}",
+                    cron_expression="0 0 1 1 *",
+                    timezone="UTC",
+                    job_type="bench_noop",
+                    overlap_policy=Job.OverlapPolicy.ALLOW,
+                    next_run_at=later,
+                    **fields,
+                )
+                for i in range(first, min(first + batch, count))
+            ],
+            batch_size=500,
+        )
+
+
+def arm(prefix: str, due: datetime) -> None:
+    """Make every job named `prefix` N due at `due` and wake the schedulers, as a job change
+    through the services would."""
+    from jobs.models import Job
+    from jobs.scheduler.notify import notify_schedulers
+
+    Job.objects.filter(name__startswith=prefix).update(next_run_at=due)
+    notify_schedulers()
+
+
+def finished_count(due: datetime) -> int:
+    """How many runs fired at `due` have finished."""
+    from jobs.models import JobRun
+
+    return JobRun.objects.filter(scheduled_for=due).exclude(status__in=JobRun.ACTIVE).count()
 
 
 def exit_on_sigterm() -> None:

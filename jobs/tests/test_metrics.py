@@ -36,8 +36,17 @@ PROMETHEUS_3_ACCEPT = (
 )
 
 
-def finish(job: Any, *, scheduled_for: Any, started_at: Any, took: timedelta) -> None:
-    """A run that a scheduler ran and wrote back as succeeded, as the store does."""
+def finish(
+    job: Any,
+    *,
+    scheduled_for: Any,
+    started_at: Any,
+    took: timedelta,
+    status: str = "succeeded",
+    lingering: bool = False,
+) -> None:
+    """A run that a scheduler ran and wrote back, as the store does (`lingering`: timed out while
+    its code still runs)."""
     worker = SchedulerProcess.objects.create(hostname="h", pid=2, started_at=started_at, last_heartbeat_at=started_at)
     run = JobRun.objects.create(
         job=job,
@@ -47,7 +56,7 @@ def finish(job: Any, *, scheduled_for: Any, started_at: Any, took: timedelta) ->
         started_at=started_at,
         worker=worker,
     )
-    outcome = runner.Outcome(run, "succeeded", started_at + took)
+    outcome = runner.Outcome(run, status, started_at + took, lingering=lingering)
     assert get_store().record_outcomes([outcome], worker_id=worker.pk) == [outcome]
     SchedulerProcess.objects.filter(pk=worker.pk).update(stopped_at=started_at)
 
@@ -284,18 +293,9 @@ def test_the_histograms_count_each_run_written_back_and_survive_pruning(api: API
 def test_runs_without_a_measure_are_left_out_of_its_histogram(api: APIClient) -> None:
     now = timezone.now()
     job = services.job_create(name="m", cron_expression="0 0 1 1 *", job_type="test_noop")
-    worker = SchedulerProcess.objects.create(hostname="h", pid=3, started_at=now, last_heartbeat_at=now)
-    running = JobRun.objects.create(
-        job=job,
-        scheduled_for=now,
-        not_before=now,
-        status="running",
-        started_at=now + timedelta(seconds=2),
-        worker=worker,
-    )
     # Timed out while its code still runs: no end yet, so no duration; its start was 2 s late.
-    lingering = runner.Outcome(running, "timed_out", now + timedelta(seconds=5), lingering=True)
-    assert get_store().record_outcomes([lingering], worker_id=worker.pk) == [lingering]
+    started = now + timedelta(seconds=2)
+    finish(job, scheduled_for=now, started_at=started, took=timedelta(seconds=3), status="timed_out", lingering=True)
     # Skipped and lost runs are counted as finished, never timed.
     get_store().count_finished([(job.pk, "skipped"), (job.pk, "lost")])
 
