@@ -43,13 +43,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     harness.add_common_arguments(parser)
     parser.add_argument("--jobs", type=int, default=1000, help="jobs due in the same second (default 1000)")
     parser.add_argument("--bursts", type=int, default=5, help="bursts against the scheduler process (default 5)")
-    parser.add_argument(
-        "--lead",
-        type=float,
-        default=7.0,
-        help="seconds between arming a burst and its due second; must exceed the scheduler's max sleep (5s)",
-    )
-    parser.add_argument("--drain-timeout", type=float, default=120, help="give up on a burst after this long")
+    harness.add_arming_arguments(parser, what="a burst", drain_timeout=120)
     parser.add_argument("--no-in-process", action="store_true", help="skip the in-process burst (query counts)")
     parser.add_argument("--profile", action="store_true", help="cProfile the in-process burst and print the top")
     return parser.parse_args(argv)

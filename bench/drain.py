@@ -55,13 +55,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="comma-separated counts of scheduler processes, each measured in turn (default 1,3)",
     )
     parser.add_argument("--repeat", type=int, default=3, help="measurements per scheduler count (default 3)")
-    parser.add_argument(
-        "--lead",
-        type=float,
-        default=7.0,
-        help="seconds between arming the backlog and its due second; must exceed the schedulers' max sleep (5s)",
-    )
-    parser.add_argument("--drain-timeout", type=float, default=300, help="give up on a drain after this long")
+    harness.add_arming_arguments(parser, what="the backlog", drain_timeout=300)
     args = parser.parse_args(argv)
     args.scheduler_counts = harness.counts_option(parser, args.schedulers, "--schedulers", minimum=1, example="1,3")
     if args.runs < 1 or args.repeat < 1:

@@ -101,14 +101,15 @@ def due_second(lead: float) -> datetime:
     return (timezone.now() + timedelta(seconds=lead)).replace(microsecond=0) + timedelta(seconds=1)
 
 
-def create_jobs_not_due(prefix: str, count: int, *, batch: int = 5000, **fields: Any) -> None:
-    """Bulk-create `count` jobs of the no-op type named `prefix` N, overlap allowed, never due by
-    themselves (the benchmarks set next_run_at directly); `fields` sets more of each job."""
+def create_jobs_not_due(prefix: str, count: int, *, start: int = 0, batch: int = 5000, **fields: Any) -> None:
+    """Bulk-create jobs `prefix` `start` to `prefix` `count - 1`, of the no-op type, overlap
+    allowed, never due by themselves (a fire two days ahead at least; the benchmarks set
+    next_run_at directly when they want one); `fields` sets more of each job."""
     from jobs import schedule
     from jobs.models import Job
 
     later = schedule.next_fire_after("0 0 1 1 *", "UTC", due_second(2 * 86400))
-    for first in range(0, count, batch):
+    for first in range(start, count, batch):
         Job.objects.bulk_create(
             [
                 Job(
@@ -141,6 +142,17 @@ def finished_count(due: datetime) -> int:
     from jobs.models import JobRun
 
     return JobRun.objects.filter(scheduled_for=due).exclude(status__in=JobRun.ACTIVE).count()
+
+
+def add_arming_arguments(parser: argparse.ArgumentParser, *, what: str, drain_timeout: float) -> None:
+    """--lead and --drain-timeout, for benchmarks that make jobs due at a second ahead."""
+    parser.add_argument(
+        "--lead",
+        type=float,
+        default=7.0,
+        help=f"seconds between arming {what} and its due second; must exceed the schedulers' max sleep (5s)",
+    )
+    parser.add_argument("--drain-timeout", type=float, default=drain_timeout, help=f"give up on {what} after this long")
 
 
 def exit_on_sigterm() -> None:

@@ -23,7 +23,7 @@ import math
 import sys
 import time
 from collections import Counter
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -85,29 +85,11 @@ def main(argv: list[str]) -> int:
 def load_jobs(have: int, want: int) -> None:
     """Bring the not-due jobs from `have` to `want`, in batches, and refresh the planner's statistics."""
     from django.db import connection
-    from django.utils import timezone
-
-    from jobs import schedule
-    from jobs.models import Job
 
     if want <= have:
         return
     started = time.monotonic()
-    # A real fire time of the cron, at least two days away: nothing of these fires during the run.
-    later = schedule.next_fire_after("0 0 1 1 *", "UTC", timezone.now() + timedelta(days=2))
-    for first in range(have, want, BATCH):
-        Job.objects.bulk_create(
-            [
-                Job(
-                    name=f"idle {i}",
-                    cron_expression="0 0 1 1 *",
-                    timezone="UTC",
-                    job_type="bench_noop",
-                    next_run_at=later,
-                )
-                for i in range(first, min(first + BATCH, want))
-            ]
-        )
+    harness.create_jobs_not_due("idle", want, start=have, batch=BATCH)
     with connection.cursor() as cursor:
         # As autovacuum (PostgreSQL) or `PRAGMA optimize` would, so plans do not depend on timing;
         # on PostgreSQL vacuum too, or autovacuum's pass over the fresh rows lands in the window.
