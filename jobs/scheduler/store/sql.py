@@ -184,8 +184,8 @@ def statements(dialect: Dialect) -> Statements:
         ),
         # Only PostgreSQL writes back in a statement with a `recorded` CTE.
         count_recorded=count_timed(
-            "(SELECT job_id, status, EXTRACT(EPOCH FROM ended - began) AS duration, "
-            "EXTRACT(EPOCH FROM began - fired) AS lateness FROM recorded) AS recorded",
+            "(SELECT job_id, status, date_part('epoch', ended - began) AS duration, "
+            "date_part('epoch', began - fired) AS lateness FROM recorded) AS recorded",
             d,
         ),
         show_latest=(f"WITH recorded (id, job_id, started_at, status) AS (VALUES {{rows}}), {_LATEST} {_SHOW_LATEST}"),
