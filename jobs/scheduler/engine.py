@@ -506,7 +506,7 @@ class Engine:
         debug = logger.isEnabledFor(logging.DEBUG)
         for run in runs:
             if debug:
-                lateness = _lateness(run)
+                lateness = run.lateness_seconds or 0.0
                 logger.debug(
                     "run started job=%s run=%s attempt=%s trigger=%s lateness=%.3fs",
                     run.job_id,
@@ -569,7 +569,7 @@ class Engine:
             run = outcome.run
             duration = (outcome.finished_at - run.started_at).total_seconds() if run.started_at else 0.0
             log = logger.info if outcome.status == "succeeded" else logger.warning
-            lateness = _lateness(run)
+            lateness = run.lateness_seconds or 0.0
             log(
                 "run finished job=%s run=%s attempt=%s trigger=%s status=%s lateness=%.3fs duration=%.3fs%s",
                 run.job_id,
@@ -637,11 +637,6 @@ class Engine:
             if self._watcher.changed():
                 self.wake_plan.changed_elsewhere()  # the web process or another scheduler wrote something
                 return
-
-
-def _lateness(run: Any) -> float:
-    """Seconds from the run's fire time to its start."""
-    return (run.started_at - run.scheduled_for).total_seconds() if run.started_at else 0.0
 
 
 def _given(value: float | None, default: float) -> float:

@@ -69,18 +69,13 @@ _SHOW_LATEST = (
     "FROM latest WHERE job.id = latest.job_id AND (job.last_run_at IS NULL OR job.last_run_at <= latest.started_at)"
 )
 _ON_CONFLICT = "ON CONFLICT (job_id, scheduled_for, attempt) DO NOTHING"
-# Add the runs of `{source}` (job_id, status) to the counters of their job type and status.
-_COUNT = (
-    f"INSERT INTO {COUNTS} (job_type, status, shard, total) SELECT job.job_type, {{source}}.status, {{shard}}, "
-    f"COUNT(*) FROM {{source}} JOIN {JOBS} AS job ON job.id = {{source}}.job_id WHERE true "
-    f"GROUP BY job.job_type, {{source}}.status ON CONFLICT (job_type, status, shard) "
-    f"DO UPDATE SET total = {COUNTS}.total + excluded.total"
-)
 
 
 # What a timed count reads from its source: a run's job, status, duration and start lateness
 # (seconds, NULL when not measured: a run whose code still runs has no end yet).
 TIMED_COLUMNS = ("job_id", "status", "duration", "lateness")
+# A typed NULL: PostgreSQL takes an untyped one for text, which cannot be compared with 0.
+_UNTIMED = "CAST(NULL AS double precision)"
 
 
 def count_timed(source: str, dialect: Dialect) -> str:
@@ -178,9 +173,10 @@ def statements(dialect: Dialect) -> Statements:
             "RETURNING id, job_id, COALESCE(started_at, finished_at) AS started_at, status, "
             "scheduled_for AS fired, started_at AS began, finished_at AS ended"
         ),
-        count_finished=(
-            "WITH counted (job_id, status) AS (VALUES {rows}) "
-            + _COUNT.format(source="counted", shard=d.count_shard).replace("{", "{{").replace("}", "}}")
+        # Runs that finish other than by their scheduler's write-back (skipped, lost): counted, not timed.
+        count_finished="WITH counted (job_id, status) AS (VALUES {rows}) "
+        + count_timed(
+            f"(SELECT job_id, status, {_UNTIMED} AS duration, {_UNTIMED} AS lateness FROM counted) AS untimed", d
         ),
         # Only PostgreSQL writes back in a statement with a `recorded` CTE.
         count_recorded=count_timed(
