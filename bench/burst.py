@@ -56,10 +56,7 @@ def main(argv: list[str]) -> int:
     harness.exit_on_sigterm()
     if harness.postgres_missing(args, "burst"):
         return 0
-    with harness.throwaway_database(args.database, "bench_burst", args.pg_url) as database:
-        say(f"database: {database.vendor} {database.name}")
-        env = harness.environment(database, args)
-        harness.migrate_and_set_up(env)
+    with harness.migrated_database(args, "bench_burst") as (database, env):
         figures = run(args, env, database.vendor)
     print(json.dumps(figures), flush=True)
     return 0 if figures["exactly_once"] else 1
@@ -70,31 +67,12 @@ def main(argv: list[str]) -> int:
 
 def burst_figures(due: datetime, jobs: int) -> dict[str, Any]:
     """Drain time, start lateness and the exactly-once check for the runs of one due second."""
-    from jobs.models import JobRun
-
-    rows = list(
-        JobRun.objects.filter(scheduled_for=due).values_list(
-            "job_id", "status", "attempt", "created_at", "started_at", "finished_at"
-        )
-    )
-    per_job = Counter(row[0] for row in rows)
-    statuses = Counter(row[1] for row in rows)
+    rows, figures = harness.fire_figures(due, jobs)
     started = [row[4] for row in rows if row[4] is not None]
     finished = [row[5] for row in rows if row[5] is not None]
     lateness = [(row[4] - due).total_seconds() for row in rows if row[4] is not None]
-    exactly_once = (
-        len(per_job) == jobs
-        and set(per_job.values()) == {1}
-        and statuses == Counter({"succeeded": jobs})
-        and {row[2] for row in rows} == {1}
-    )
     return {
-        "due": due.isoformat(),
-        "runs": len(rows),
-        "jobs_run": len(per_job),
-        "statuses": dict(statuses),
-        "exactly_once": exactly_once,
-        "fired_s": harness.rounded((max(row[3] for row in rows) - due).total_seconds()) if rows else None,
+        **figures,
         "last_start_s": harness.rounded((max(started) - due).total_seconds()) if started else None,
         "drain_s": harness.rounded((max(finished) - due).total_seconds()) if finished else None,
         "lateness_ms": harness.spread_ms(lateness),
@@ -233,17 +211,10 @@ def run(args: argparse.Namespace, env: dict[str, str], vendor: str) -> dict[str,
         scheduler.wait_registered()
         say(f"scheduler pid {scheduler.pid} running (log {scheduler.log_path})")
         time.sleep(1.0)  # let it settle into its idle sleep
-        profile = harness.py_spy_output(args, f"burst-{vendor}")
-        spy = harness.PySpy(scheduler.pid, profile) if profile else None
-        try:
+        with harness.sampled(args, f"burst-{vendor}", scheduler.pid):
             for number in range(1, args.bursts + 1):
                 bursts.append(process_burst(args, scheduler, number, vendor))
                 time.sleep(0.5)
-        finally:
-            if spy and profile:
-                spy.stop()
-                for line in harness.summarize_collapsed(profile):
-                    say(line)
     finally:
         status = scheduler.stop()
         say(f"scheduler stopped, exit status {status}")

@@ -72,10 +72,7 @@ def main(argv: list[str]) -> int:
     harness.exit_on_sigterm()
     if harness.postgres_missing(args, "drain"):
         return 0
-    with harness.throwaway_database(args.database, "bench_drain", args.pg_url) as database:
-        say(f"database: {database.vendor} {database.name}")
-        env = harness.environment(database, args)
-        harness.migrate_and_set_up(env)
+    with harness.migrated_database(args, "bench_drain") as (database, env):
         phases = [phase(args, env, database.vendor, count) for count in args.scheduler_counts]
     figures = summary(args, phases, database.vendor)
     print(json.dumps(figures), flush=True)
@@ -115,31 +112,15 @@ def drain_figures(due: datetime, jobs: int, pids: list[int]) -> dict[str, Any]:
     """Drain time, runs/s, the exactly-once check and the runs per process for the runs of one due second."""
     from jobs.models import JobRun
 
-    rows = list(
-        JobRun.objects.filter(scheduled_for=due).values_list(
-            "job_id", "status", "attempt", "created_at", "started_at", "finished_at", "worker__pid"
-        )
-    )
-    per_job = Counter(row[0] for row in rows)
-    statuses = Counter(row[1] for row in rows)
+    rows, figures = harness.fire_figures(due, jobs)
     started = [row[4] for row in rows if row[4] is not None]
     finished = [row[5] for row in rows if row[5] is not None]
     per_pid = Counter(row[6] for row in rows)
-    exactly_once = (
-        len(per_job) == jobs
-        and set(per_job.values()) == {1}
-        and statuses == Counter({"succeeded": jobs})
-        and {row[2] for row in rows} == {1}
-        and JobRun.objects.count() == jobs
-    )
     drain = (max(finished) - due).total_seconds() if finished else None
     return {
-        "due": due.isoformat(),
-        "runs": len(rows),
-        "jobs_run": len(per_job),
-        "statuses": dict(statuses),
-        "exactly_once": exactly_once,
-        "fired_s": harness.rounded((max(row[3] for row in rows) - due).total_seconds()) if rows else None,
+        **figures,
+        # No run of any other fire either.
+        "exactly_once": figures["exactly_once"] and JobRun.objects.count() == jobs,
         "first_start_s": harness.rounded((min(started) - due).total_seconds()) if started else None,
         "drain_s": harness.rounded(drain) if drain is not None else None,
         "runs_per_s": round(len(finished) / drain, 1) if drain and drain > 0 else None,
@@ -165,9 +146,7 @@ def measure(args: argparse.Namespace, env: dict[str, str], vendor: str, count: i
             scheduler.wait_registered()
         pids = [scheduler.pid for scheduler in schedulers]
         time.sleep(1.0)  # let them settle into their idle sleep
-        profile = harness.py_spy_output(args, f"drain-{vendor}-{count}x-{number}")
-        spy = harness.PySpy(pids[0], profile) if profile else None
-        try:
+        with harness.sampled(args, f"drain-{vendor}-{count}x-{number}", pids[0]):
             due = harness.due_second(args.lead)
             harness.arm(JOB_NAME, due)
             cpu_before = harness.total_cpu_seconds(pids)
@@ -184,11 +163,6 @@ def measure(args: argparse.Namespace, env: dict[str, str], vendor: str, count: i
                     raise RuntimeError(f"scheduler {scheduler.pid} exited:\n{scheduler.log_tail()}")
             cpu = harness.total_cpu_seconds(pids) - cpu_before
             backend_cpu = harness.total_cpu_seconds(backends) - backend_cpu_before
-        finally:
-            if spy and profile:
-                spy.stop()
-                for line in harness.summarize_collapsed(profile):
-                    say(line)
     finally:
         statuses = [scheduler.stop() for scheduler in schedulers]
         log_lines = {

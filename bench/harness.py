@@ -155,6 +155,36 @@ def add_arming_arguments(parser: argparse.ArgumentParser, *, what: str, drain_ti
     parser.add_argument("--drain-timeout", type=float, default=drain_timeout, help=f"give up on {what} after this long")
 
 
+def fire_figures(due: datetime, jobs: int) -> tuple[list[tuple[Any, ...]], dict[str, Any]]:
+    """The runs of the jobs fired at `due`, as (job id, status, attempt, created at, started at,
+    finished at, worker pid) rows, and what burst and drain report alike: the counts, whether
+    each of `jobs` jobs ran exactly once and succeeded at its first attempt, and when the last
+    run was fired (seconds after `due`)."""
+    from jobs.models import JobRun
+
+    rows = list(
+        JobRun.objects.filter(scheduled_for=due).values_list(
+            "job_id", "status", "attempt", "created_at", "started_at", "finished_at", "worker__pid"
+        )
+    )
+    per_job = Counter(row[0] for row in rows)
+    statuses = Counter(row[1] for row in rows)
+    exactly_once = (
+        len(per_job) == jobs
+        and set(per_job.values()) == {1}
+        and statuses == Counter({"succeeded": jobs})
+        and {row[2] for row in rows} == {1}
+    )
+    return rows, {
+        "due": due.isoformat(),
+        "runs": len(rows),
+        "jobs_run": len(per_job),
+        "statuses": dict(statuses),
+        "exactly_once": exactly_once,
+        "fired_s": rounded((max(row[3] for row in rows) - due).total_seconds()) if rows else None,
+    }
+
+
 def exit_on_sigterm() -> None:
     """Turn SIGTERM into SystemExit so the `finally` blocks stop processes and drop databases."""
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -279,6 +309,17 @@ def throwaway_database(vendor: str, prefix: str, admin_url: str, *, keep: bool =
             pass
         if not keep:
             _pg_admin(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def migrated_database(args: argparse.Namespace, prefix: str) -> Iterator[tuple[Database, dict[str, str]]]:
+    """A throwaway database of --database, migrated, with Django set up for it in this process;
+    yields it and the environment of the scheduler processes to start on it."""
+    with throwaway_database(args.database, prefix, args.pg_url) as database:
+        say(f"database: {database.vendor} {database.name}")
+        env = environment(database, args)
+        migrate_and_set_up(env)
+        yield database, env
 
 
 def environment(database: Database, args: argparse.Namespace) -> dict[str, str]:
@@ -497,6 +538,22 @@ class PySpy:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 stop_process(self.proc, grace=5)
+
+
+@contextmanager
+def sampled(args: argparse.Namespace, label: str, pid: int) -> Iterator[None]:
+    """With --py-spy, sample process `pid` while the block runs, then print where its time went."""
+    profile = py_spy_output(args, label)
+    if profile is None:
+        yield
+        return
+    spy = PySpy(pid, profile)
+    try:
+        yield
+    finally:
+        spy.stop()
+        for line in summarize_collapsed(profile):
+            say(line)
 
 
 def summarize_collapsed(path: Path, top: int = 25) -> list[str]:

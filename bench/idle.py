@@ -64,10 +64,7 @@ def main(argv: list[str]) -> int:
     harness.exit_on_sigterm()
     if harness.postgres_missing(args, "idle"):
         return 0
-    with harness.throwaway_database(args.database, "bench_idle", args.pg_url) as database:
-        say(f"database: {database.vendor} {database.name}")
-        env = harness.environment(database, args)
-        harness.migrate_and_set_up(env)
+    with harness.migrated_database(args, "bench_idle") as (database, env):
         phases = []
         loaded = 0
         for count in args.job_counts:
@@ -166,17 +163,10 @@ def measure(args: argparse.Namespace, env: dict[str, str], vendor: str, jobs: in
         backend_cpu_start = harness.total_cpu_seconds(backends)
         counters_start = pg_counters() if vendor == "postgres" else {}
         rss_start = harness.rss_mb(scheduler.pid)
-        profile = harness.py_spy_output(args, f"idle-{vendor}-{jobs}")
-        spy = harness.PySpy(scheduler.pid, profile) if profile else None
-        try:
+        with harness.sampled(args, f"idle-{vendor}-{jobs}", scheduler.pid):
             while time.monotonic() < window_end and scheduler.alive():
                 rss.append(harness.rss_mb(scheduler.pid))
                 time.sleep(min(args.sample, max(0.0, window_end - time.monotonic())))
-        finally:
-            if spy and profile:
-                spy.stop()
-                for line in harness.summarize_collapsed(profile):
-                    say(line)
         if not scheduler.alive():
             raise RuntimeError(f"the scheduler exited:\n{scheduler.log_tail()}")
         cpu = harness.cpu_seconds(scheduler.pid) - cpu_start
